@@ -1,0 +1,32 @@
+# The two commands a new user needs:
+#   make demo   - boot a kernel on the built-in tiny model and show what it does
+#   make test   - install everything into .venv and run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test demo bench docs clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0      # the CPU build on local disk (see README)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q
+
+demo: install
+	$(PY) -m llmos.userland.demo
+
+bench: install
+	$(PY) bench/syscall_latency.py
+
+docs: install
+	$(PY) -m llmos.syscalls.docgen
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

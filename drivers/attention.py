@@ -1,0 +1,204 @@
+"""Paged attention: how the kernel's KV blocks reach an unmodified transformers model.
+
+The model driver registers ``paged_attention_forward`` under ``ATTN_IMPLEMENTATION`` in
+transformers' ``AttentionInterface`` and loads models with that implementation. Every
+attention layer then calls us with its fresh query/key/value; the batch layout (which rows of
+the flat token sequence belong to which process, where their KV lives) is not in the model's
+arguments but in an ``AttentionContext`` that the driver installs around the forward pass
+with ``use_context``. A ContextVar rather than kwargs, because every architecture forwards
+the context unchanged that way, whatever its modeling code does with ``**kwargs``.
+
+The function writes the new K/V into the ``PagedKVCache`` (slot mapping) and asks the
+``AttentionBackend`` to attend over each sequence's cached prefix. ``TorchBackend`` is the
+plain-torch reference; faster backends (Triton) implement the same two methods.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from llmos.drivers.batch import SeqChunk
+from llmos.drivers.kv_cache import PagedKVCache
+
+ATTN_IMPLEMENTATION = "llmos_paged"
+
+
+@dataclass
+class AttentionContext:
+    """The layout of one forward pass over ``T`` packed tokens from ``B`` sequences.
+
+    Per sequence ``i``: its query rows are ``query_start[i] : query_start[i+1]`` of the flat
+    batch, its first new token sits at position ``start_pos[i]``, and after this pass it has
+    ``context_len[i] = start_pos[i] + num_tokens`` tokens of KV in ``block_tables[i]``.
+    Decodes (one token) are also listed as ``decode_*`` tensors so backends can attend to them
+    in one call; the rest are in ``prefill_ids``.
+    """
+    cache: PagedKVCache
+    backend: "AttentionBackend"
+    slot_mapping: torch.Tensor                 # [T] long: cache slot of every new token
+    query_start: list[int]                     # B+1 offsets into the flat batch
+    start_pos: list[int]
+    context_len: list[int]
+    block_tables: list[torch.Tensor]           # B tensors of block ids (long, on device)
+    prefill_ids: list[int]                     # sequences with more than one new token
+    decode_rows: torch.Tensor | None           # [Bd] row in the flat batch of each decode
+    decode_block_table: torch.Tensor | None    # [Bd, max_blocks] long, padded with block 0
+    decode_context_len: torch.Tensor | None    # [Bd] long
+    memo: dict = field(default_factory=dict)   # per-pass masks, shared by all layers
+
+    @classmethod
+    def build(cls, chunks: Sequence[SeqChunk], cache: PagedKVCache,
+              backend: "AttentionBackend") -> "AttentionContext":
+        dev, bs = cache.device, cache.block_size
+        query_start, slots, tables, prefill_ids, decode_ids = [0], [], [], [], []
+        for i, c in enumerate(chunks):
+            if c.num_tokens == 0:
+                raise ValueError(f"pid {c.pid}: empty chunk")
+            if len(c.block_ids) * bs < c.end_pos:
+                raise ValueError(f"pid {c.pid}: {len(c.block_ids)} blocks cannot hold "
+                                 f"{c.end_pos} tokens of {bs}")
+            query_start.append(query_start[-1] + c.num_tokens)
+            slots.extend(c.block_ids[p // bs] * bs + p % bs for p in range(c.start_pos, c.end_pos))
+            (prefill_ids if c.num_tokens > 1 else decode_ids).append(i)
+        bad = [b for c in chunks for b in c.block_ids if not 0 <= b < cache.num_blocks]
+        if bad:
+            raise ValueError(f"block ids out of range [0, {cache.num_blocks}): {bad[:8]}")
+        tables = [torch.tensor(c.block_ids, dtype=torch.long, device=dev) for c in chunks]
+        decode_rows = decode_table = decode_len = None
+        if decode_ids:
+            width = max(len(chunks[i].block_ids) for i in decode_ids)
+            padded = [chunks[i].block_ids + [0] * (width - len(chunks[i].block_ids))
+                      for i in decode_ids]
+            decode_rows = torch.tensor([query_start[i] for i in decode_ids], device=dev)
+            decode_table = torch.tensor(padded, dtype=torch.long, device=dev)
+            decode_len = torch.tensor([chunks[i].end_pos for i in decode_ids], device=dev)
+        return cls(cache=cache, backend=backend,
+                   slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                   query_start=query_start, start_pos=[c.start_pos for c in chunks],
+                   context_len=[c.end_pos for c in chunks], block_tables=tables,
+                   prefill_ids=prefill_ids, decode_rows=decode_rows,
+                   decode_block_table=decode_table, decode_context_len=decode_len)
+
+
+_current: contextvars.ContextVar[AttentionContext | None] = contextvars.ContextVar(
+    "llmos_attention_context", default=None)
+
+
+@contextlib.contextmanager
+def use_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
+    """Make ``ctx`` the layout seen by every paged attention call inside the block."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def allowed_positions(query_pos: torch.Tensor, kv_len: int,
+                      sliding_window: int | None) -> torch.Tensor:
+    """Bool mask [len(query_pos), kv_len]: a query at position q sees key positions p with
+    p <= q and, under a sliding window W, p > q - W (transformers' convention)."""
+    kv_pos = torch.arange(kv_len, device=query_pos.device)
+    mask = kv_pos[None, :] <= query_pos[:, None]
+    if sliding_window is not None:
+        mask &= kv_pos[None, :] > query_pos[:, None] - sliding_window
+    return mask
+
+
+class AttentionBackend:
+    """The seam for attention kernels. ``write`` stores a layer's new K/V at the context's
+    slots; ``attend`` returns the attention output [T, H, D] for the flat query [T, H, D],
+    each sequence attending causally to its own cached KV (which includes this pass's)."""
+    name = "base"
+
+    def write(self, ctx: AttentionContext, layer_idx: int, key: torch.Tensor,
+              value: torch.Tensor) -> None:
+        ctx.cache.write(layer_idx, ctx.slot_mapping, key, value)
+
+    def attend(self, ctx: AttentionContext, layer_idx: int, query: torch.Tensor,
+               scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchBackend(AttentionBackend):
+    """Reference backend in plain torch (any device): prefills one sequence at a time with
+    ``scaled_dot_product_attention`` over its gathered blocks; all decodes in one call."""
+    name = "torch"
+
+    def attend(self, ctx, layer_idx, query, scaling, sliding_window):
+        out = torch.empty_like(query)
+        k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
+        for i in ctx.prefill_ids:
+            q0, q1, kv_len = ctx.query_start[i], ctx.query_start[i + 1], ctx.context_len[i]
+            key = k_cache[ctx.block_tables[i]].flatten(0, 1)[:kv_len]   # [L, Hkv, D]
+            value = v_cache[ctx.block_tables[i]].flatten(0, 1)[:kv_len]
+            memo_key = ("prefill", i, sliding_window)
+            if memo_key not in ctx.memo:
+                pos = torch.arange(ctx.start_pos[i], kv_len, device=query.device)
+                ctx.memo[memo_key] = allowed_positions(pos, kv_len, sliding_window)
+            out[q0:q1] = self._sdpa(query[q0:q1].unsqueeze(0), key.unsqueeze(0),
+                                    value.unsqueeze(0), ctx.memo[memo_key], scaling)[0]
+        if ctx.decode_rows is not None:
+            table = ctx.decode_block_table                      # [Bd, max_blocks]
+            key = k_cache[table].flatten(1, 2)                  # [Bd, max_blocks*bs, Hkv, D]
+            value = v_cache[table].flatten(1, 2)
+            memo_key = ("decode", sliding_window)
+            if memo_key not in ctx.memo:
+                last = ctx.decode_context_len - 1                   # query position per row
+                kv_pos = torch.arange(key.shape[1], device=query.device)[None, :]
+                mask = kv_pos <= last[:, None]
+                if sliding_window is not None:
+                    mask &= kv_pos > last[:, None] - sliding_window
+                ctx.memo[memo_key] = mask[:, None, :]               # [Bd, 1, S]
+            q = query[ctx.decode_rows].unsqueeze(1)                 # [Bd, 1, H, D]
+            out[ctx.decode_rows] = self._sdpa(q, key, value, ctx.memo[memo_key], scaling)[:, 0]
+        return out
+
+    @staticmethod
+    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              scaling: float | None) -> torch.Tensor:
+        """q [B, n, H, D], k/v [B, L, Hkv, D], mask [n, L] or [B, n, L] -> [B, n, H, D]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask.unsqueeze(-3), scale=scaling, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float | None = None, dropout: float = 0.0,
+                            sliding_window: int | None = None, **kwargs):
+    """transformers' attention-function signature: query [1, H, T, D], key/value
+    [1, Hkv, T, D] for the packed batch; returns ([1, T, H, D], None)."""
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("paged attention called outside use_context(): the model driver "
+                           "must run the forward pass")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("paged attention: logit soft-capping / attention sinks")
+    if query.shape[0] != 1:
+        raise ValueError(f"paged attention expects one packed row, got batch {query.shape[0]}")
+    layer_idx = module.layer_idx
+    ctx.backend.write(ctx, layer_idx, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window)
+    return out.unsqueeze(0), None
+
+
+def no_mask(*args, **kwargs) -> None:
+    """Mask function for our implementation: the causal structure lives in the context, so
+    transformers must never materialise a [T, T] mask."""
+    return None
+
+
+def register() -> str:
+    """Register the paged attention function and its (empty) mask under one name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, no_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,171 @@
+"""The model driver: loads a Hugging Face causal LM and executes the scheduler's StepPlans.
+
+``execute(plan)`` applies the plan's block moves (swap out, swap in, copies — in that order),
+then runs every chunk in one forward pass: all tokens packed into a single flat row
+``input_ids [1, T]`` with per-chunk ``position_ids``, attention served from the paged KV cache
+through ``llmos.drivers.attention``. Logits are computed only for the last token of chunks
+that sample. The model code is transformers' own; nothing is rewritten.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmos.drivers import attention
+from llmos.drivers.batch import StepPlan, StepResult
+from llmos.drivers.device import Device, detect
+from llmos.drivers.kv_cache import PagedKVCache
+from llmos.drivers.sampler import sample
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class ModelDriver:
+    """One loaded model and its KV cache on one device.
+
+    ``allocate_kv`` must be called before the first ``execute`` with chunks. The driver never
+    reads scheduler state: everything it needs is in the plan.
+    """
+
+    def __init__(self, model_path: str, device: Device | str = "auto", dtype: str | None = None,
+                 block_size: int = 16, name: str | None = None,
+                 backend: attention.AttentionBackend | None = None):
+        self.device = device if isinstance(device, Device) else detect(device)
+        if dtype is None:
+            torch_dtype = torch.bfloat16 if self.device.kind == "cuda" else torch.float32
+        elif dtype in DTYPES:
+            torch_dtype = DTYPES[dtype]
+        else:
+            raise ValueError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        self.block_size = block_size
+        self.backend = backend or attention.TorchBackend()
+        self.name = name or os.path.basename(os.path.normpath(model_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # device_map loads the weights straight onto the device (no host-side full copy).
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation=attention.register(),
+            device_map=str(self.device.torch_device))
+        self.model.eval()
+        self.config = self.model.config
+        self.architecture = (self.config.architectures or [type(self.model).__name__])[0]
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.dtype = _dtype_name(torch_dtype)
+        self._torch_dtype = torch_dtype
+        self._decoder = self.model.base_model          # hidden states, no LM head
+        self._lm_head = self.model.get_output_embeddings()
+        text = self.config.get_text_config()
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.max_model_len = int(getattr(text, "max_position_embeddings", None)
+                                 or getattr(text, "n_positions", None) or 2048)
+        self.eos_token_ids = self._find_eos_ids()
+        self._index_attention_layers()
+        self.kv: PagedKVCache | None = None
+
+    def _find_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model.generation_config, "eos_token_id", None),
+                       self.config.get_text_config().eos_token_id, self.tokenizer.eos_token_id):
+            if source is not None:
+                ids.update([source] if isinstance(source, int) else source)
+        return ids
+
+    def _index_attention_layers(self) -> None:
+        """Paged attention finds a layer's cache by ``module.layer_idx``. Architectures that do
+        not set it get indices in module order, one per decoder layer."""
+        indexed = [m for m in self.model.modules() if getattr(m, "layer_idx", None) is not None
+                   and type(m).__name__.endswith("Attention")]
+        if len(indexed) == self.num_layers:
+            return
+        attn = [m for m in self.model.modules() if type(m).__name__.endswith("Attention")]
+        if len(attn) != self.num_layers:
+            raise ValueError(f"{self.architecture}: found {len(attn)} attention modules for "
+                             f"{self.num_layers} layers; cannot assign layer indices")
+        for i, module in enumerate(attn):
+            module.layer_idx = i
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        """Device bytes one KV block takes across all layers, K and V."""
+        return PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads,
+                                            self.head_dim, self._torch_dtype)
+
+    def allocate_kv(self, num_blocks: int, num_host_blocks: int) -> None:
+        """(Re)allocate the device block pool and the host swap pool; old contents are lost."""
+        self.kv = None                                  # free the old pool before the new one
+        self.kv = PagedKVCache(self.num_layers, num_blocks, num_host_blocks, self.block_size,
+                               self.num_kv_heads, self.head_dim, self._torch_dtype, self.device)
+
+    # -- execution ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Apply the plan's block moves, run its chunks in one forward pass, sample."""
+        if self.kv is None:
+            if plan.is_empty:
+                return StepResult(plan.step_id)
+            raise RuntimeError("allocate_kv() must be called before execute()")
+        self.kv.swap_out(plan.swap_out)
+        self.kv.swap_in(plan.swap_in)
+        self.kv.copy(plan.copies)
+        if not plan.chunks:
+            return StepResult(plan.step_id)
+        for c in plan.chunks:
+            if c.end_pos > self.max_model_len:
+                raise ValueError(f"pid {c.pid}: position {c.end_pos} exceeds max_model_len "
+                                 f"{self.max_model_len}")
+        dev = self.device.torch_device
+        input_ids = torch.tensor([t for c in plan.chunks for t in c.token_ids], device=dev)
+        positions = torch.tensor([p for c in plan.chunks for p in range(c.start_pos, c.end_pos)],
+                                 device=dev)
+        ctx = attention.AttentionContext.build(plan.chunks, self.kv, self.backend)
+        with attention.use_context(ctx):
+            hidden = self._decoder(input_ids=input_ids[None], position_ids=positions[None],
+                                   use_cache=False).last_hidden_state[0]
+        sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.sample]
+        if not sampling:
+            return StepResult(plan.step_id, num_tokens=plan.num_tokens)
+        rows = torch.tensor([ctx.query_start[i + 1] - 1 for i, _ in sampling], device=dev)
+        logits = self._lm_head(hidden[rows]).float()
+        chunks = [c for _, c in sampling]
+        tokens = sample(logits, [c.sampling for c in chunks], [c.end_pos for c in chunks],
+                        [c.history for c in chunks])
+        return StepResult(plan.step_id, sampled={c.pid: t for c, t in zip(chunks, tokens)},
+                          num_tokens=plan.num_tokens)
+
+    # -- text -----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of a chat ready for the assistant's reply. Uses the tokenizer's template;
+        without one, the fallback renders each message as ``"<role>: <content>\\n\\n"`` and
+        ends with ``"assistant: "`` (prefixed by BOS where the tokenizer has one)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+            return [int(i) for i in ids]
+        text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
+        bos = self.tokenizer.bos_token_id
+        body = self.tokenizer.encode(text, add_special_tokens=False)
+        return ([bos] if bos is not None else []) + list(body)
+
+    def __repr__(self) -> str:
+        return (f"ModelDriver({self.name!r}, {self.architecture}, {self.dtype}, "
+                f"device={self.device.torch_device})")

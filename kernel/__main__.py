@@ -1,0 +1,4 @@
+from llmos.kernel.boot import main
+import sys
+
+sys.exit(main())

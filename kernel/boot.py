@@ -1,0 +1,138 @@
+"""Booting the kernel: ``python -m llmos.kernel [options]`` runs it in the foreground.
+
+Boot prepares the state directory (mode 0700), creates root and its token at first boot
+(shown once, saved to ``<state>/token`` mode 0600 for the local user), takes the pidfile
+(refusing to start twice), sets up logging to ``<state>/kernel.log``, makes SIGTERM/SIGINT
+stop the loop cleanly, and runs the loop. ``llmos kernel start`` (userland) starts this module
+as a background process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import zmq
+
+from llmos.kernel.loop import Kernel, KernelConfig
+from llmos.kernel.security import UserDB, write_private
+from llmos.syscalls import abi, locate
+
+PIDFILE = "kernel.pid"
+
+
+def parse_args(argv: list[str] | None = None) -> KernelConfig:
+    p = argparse.ArgumentParser(prog="llmos kernel start", description="Run the llmos kernel.")
+    p.add_argument("--state-dir", default=None, help="default $LLMOS_STATE_DIR or ~/.llmos")
+    p.add_argument("--socket", default=None, help="ZeroMQ endpoint (default ipc://<state>/run/kernel.sock)")
+    p.add_argument("--model", default="default",
+                   help="model path or hub id; 'default' = built-in tiny random model; 'none' = no model")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="device KV blocks (default: a fraction of free memory)")
+    p.add_argument("--kv-fraction", type=float, default=0.5, help="fraction of free device memory for KV")
+    p.add_argument("--host-kv-blocks", type=int, default=None, help="host swap blocks (default: = device blocks)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--preempt-mode", choices=("auto", "swap", "recompute"), default="auto")
+    p.add_argument("--max-frame", type=int, default=abi.MAX_FRAME_BYTES, help="largest accepted frame in bytes")
+    p.add_argument("--rate-limit", type=float, default=0.0, help="calls per second per user (0 = unlimited)")
+    p.add_argument("--max-procs-per-user", type=int, default=1024)
+    p.add_argument("--kv-quota-blocks", type=int, default=None, help="KV blocks per non-root user")
+    p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
+    a = p.parse_args(argv)
+    state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
+    return KernelConfig(
+        state_dir=state, socket=a.socket or locate.default_socket(state),
+        model=None if a.model.lower() == "none" else a.model, device=a.device, dtype=a.dtype,
+        kv_blocks=a.kv_blocks, kv_fraction=a.kv_fraction, host_kv_blocks=a.host_kv_blocks,
+        block_size=a.block_size, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_batched_tokens, preempt_mode=a.preempt_mode,
+        max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
+        kv_quota_blocks=a.kv_quota_blocks)
+
+
+def prepare_state_dir(state: Path) -> UserDB:
+    """Create the state directory and the user table; at first boot make root's token."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state, 0o700)
+    users = UserDB(state / "users.json")
+    token = users.bootstrap()
+    if token is not None:
+        write_private(state / locate.TOKEN_NAME, token + "\n")
+        print(f"llmos: first boot; root token (shown once, saved to {state / locate.TOKEN_NAME}):\n{token}",
+              flush=True)
+    return users
+
+
+def take_pidfile(state: Path, socket: str) -> Path:
+    """Refuse to start when a kernel already runs on this state directory or socket."""
+    pidfile = state / PIDFILE
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    if pid and pid != os.getpid() and _alive(pid):
+        raise SystemExit(f"llmos: a kernel is already running (pid {pid}, pidfile {pidfile})")
+    if _socket_answers(socket):
+        raise SystemExit(f"llmos: another kernel already serves {socket}")
+    write_private(pidfile, f"{os.getpid()}\n{socket}\n")
+    return pidfile
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _socket_answers(endpoint: str) -> bool:
+    """True if something answers a nop on ``endpoint`` (any reply, even an error, counts)."""
+    if locate.is_ipc(endpoint) and not os.path.exists(locate.ipc_path(endpoint)):
+        return False
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(endpoint)
+        s.send(abi.encode_request(0, "nop", {}, None))
+        return bool(s.poll(500, zmq.POLLIN))
+    finally:
+        s.close(0)
+
+
+def setup_logging(state: Path) -> None:
+    handler = logging.FileHandler(state / "kernel.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("llmos")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    users = prepare_state_dir(cfg.state_dir)
+    pidfile = take_pidfile(cfg.state_dir, cfg.socket)
+    setup_logging(cfg.state_dir)
+    try:
+        kernel = Kernel(cfg, users)
+        stop = lambda signum, frame: setattr(kernel, "running", False)  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        print(f"llmos: kernel ready (pid {os.getpid()}) on {cfg.socket}", flush=True)
+        kernel.run()
+    finally:
+        if pidfile.exists() and pidfile.read_text().split()[0] == str(os.getpid()):
+            pidfile.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The kernel's half of the syscall table: syscall number -> handler function.
+
+Like xv6's ``syscalls[]``: data, indexed by number, built once. Handlers are thin adapters
+(take checked arguments, call the real function, return a result or ``PENDING``). Every
+kernel-served call in ``llmos.syscalls.table`` must have one here — checked at import.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from llmos.kernel import sysinfo, sysproc
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import BY_NAME, SYSCALLS
+
+_BY_NAME: dict[str, Callable] = {
+    "nop": sysinfo.sys_nop,
+    "uname": sysinfo.sys_uname,
+    "whoami": sysinfo.sys_whoami,
+    "stat": sysinfo.sys_stat,
+    "shutdown": sysinfo.sys_shutdown,
+    "user_add": sysinfo.sys_user_add,
+    "user_token": sysinfo.sys_user_token,
+    "user_list": sysinfo.sys_user_list,
+    "devinfo": sysinfo.sys_devinfo,
+    "ps": sysproc.sys_ps,
+    "meminfo": sysproc.sys_meminfo,
+    "spawn": sysproc.sys_spawn,
+    "write": sysproc.sys_write,
+    "read": sysproc.sys_read,
+    "wait": sysproc.sys_wait,
+    "kill": sysproc.sys_kill,
+    "nice": sysproc.sys_nice,
+    "fork": sysproc.sys_fork,
+    "pinfo": sysproc.sys_pinfo,
+}
+
+HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}
+
+_missing = [s.name for s in SYSCALLS if s.served_by == "kernel" and s.num not in HANDLERS]
+assert not _missing, f"kernel-served syscalls without a handler: {_missing}"
+
+
+def dispatch(kernel, call) -> Any:
+    handler = HANDLERS.get(call.sc.num)
+    if handler is None:   # a service's call while that service is not registered
+        raise SyscallError("EAGAIN", f"{call.sc.name} is served by '{call.sc.served_by}', which is not running")
+    return handler(kernel, call)

@@ -1,0 +1,87 @@
+"""The kernel's I/O thread: owns the client-facing ROUTER socket.
+
+The thread runs ``zmq.proxy_steerable`` (a C loop that holds no GIL) between the ROUTER and an
+inproc PAIR; the kernel loop reads and writes the other end of that PAIR. Frames travel as
+``[routing_id, payload]``. The socket enforces the frame limit (``MAXMSGSIZE``): an oversized
+frame makes ZeroMQ drop that connection, which the monitor reports as a disconnect.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from llmos.syscalls import locate
+
+
+class IOThread:
+    def __init__(self, endpoint: str, max_frame: int, ctx: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.ctx = ctx or zmq.Context.instance()
+        self._name = f"inproc://llmos-io-{id(self)}"
+        if locate.is_ipc(endpoint):
+            _secure_ipc_dir(Path(locate.ipc_path(endpoint)))
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 2000)     # last replies (shutdown's own) still go out
+        self.router.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.router.setsockopt(zmq.RCVHWM, 10_000)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.bind(endpoint)
+        if locate.is_ipc(endpoint):
+            os.chmod(locate.ipc_path(endpoint), 0o600)
+        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._back = self.ctx.socket(zmq.PAIR)
+        self._back.setsockopt(zmq.LINGER, 0)
+        self._back.bind(self._name)
+        #: the kernel loop's end: recv_multipart() -> [routing_id, frame]; send_multipart likewise
+        self.kernel_end = self.ctx.socket(zmq.PAIR)
+        self.kernel_end.setsockopt(zmq.LINGER, 0)
+        self.kernel_end.connect(self._name)
+        self._ctl_name = self._name + "-ctl"
+        self._ctl = self.ctx.socket(zmq.PAIR)
+        self._ctl.bind(self._ctl_name)
+        self._thread = threading.Thread(target=self._run, name="llmos-io", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        ctl = self.ctx.socket(zmq.PAIR)
+        ctl.connect(self._ctl_name)
+        try:
+            zmq.proxy_steerable(self.router, self._back, None, ctl)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            ctl.close(0)
+
+    def stop(self) -> None:
+        """Stop the proxy, close every socket, remove the ipc socket file."""
+        if self._thread.is_alive():
+            time.sleep(0.05)           # let the proxy forward replies already queued to it
+            self._ctl.send(b"TERMINATE")
+            self._thread.join(timeout=5)
+        self.router.disable_monitor()
+        for s in (self.monitor, self.kernel_end, self._back, self._ctl, self.router):
+            s.close(0)
+        if locate.is_ipc(self.endpoint):
+            try:
+                os.unlink(locate.ipc_path(self.endpoint))
+            except FileNotFoundError:
+                pass
+
+
+def _secure_ipc_dir(sock_path: Path) -> None:
+    """The socket's directory must be enterable by its owner only (mode 0700)."""
+    if len(str(sock_path)) > locate.MAX_IPC_PATH:
+        raise OSError(f"socket path too long for ipc ({len(str(sock_path))} > {locate.MAX_IPC_PATH}): {sock_path}")
+    d = sock_path.parent
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+    st = d.stat()
+    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(f"{d} must be owned by this user with mode 0700")

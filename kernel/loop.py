@@ -1,0 +1,167 @@
+"""The kernel: one process, one device, one loop.
+
+    while running:
+        drain_syscalls()                         # answer immediate calls, register waiters
+        plan = scheduler.schedule()              # who runs this step (a value object)
+        result = driver.execute(plan)            # one forward pass over the batch
+        events = scheduler.update(plan, result)  # tokens appended, processes finished
+        deliver(events)                          # stream tokens, answer waiters
+
+Sockets belong to the I/O thread; this loop only reads and writes its inproc end. A handler
+never blocks: ``wait`` and ``read`` register a waiter that ``deliver`` answers later.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from llmos.kernel import handlers
+from llmos.kernel.procio import PENDING_REPLY
+from llmos.kernel.procspace import ProcSpace
+from llmos.kernel.io import IOThread
+from llmos.kernel.security import RateLimiter, User, UserDB
+from llmos.syscalls import abi
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import Syscall, check_args, lookup
+
+log = logging.getLogger("llmos.kernel")
+
+
+@dataclass
+class KernelConfig:
+    state_dir: Path
+    socket: str
+    model: str | None = "default"          # a path or hub id, "default" (built-in), or None
+    device: str = "auto"
+    dtype: str | None = None
+    kv_blocks: int | None = None           # device KV blocks; default: kv_fraction of free memory
+    kv_fraction: float = 0.5
+    host_kv_blocks: int | None = None      # swap space; default: as many as the device pool
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    preempt_mode: str = "auto"
+    max_frame: int = abi.MAX_FRAME_BYTES
+    rate_limit: float = 0.0                # calls/s per user, 0 = unlimited
+    max_procs_per_user: int = 1024
+    kv_quota_blocks: int | None = None     # per non-root user
+    max_drain: int = 256                   # syscalls handled per loop turn, so steps keep going
+
+
+@dataclass
+class Call:
+    """One authenticated, checked request on its way through a handler."""
+    identity: bytes
+    rid: Any
+    user: User
+    sc: Syscall
+    args: dict
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    frames_dropped: int = 0
+    disconnects: int = 0
+    steps: int = 0
+    tokens_generated: int = 0
+
+
+class Kernel:
+    def __init__(self, cfg: KernelConfig, users: UserDB, models=None):
+        self.cfg = cfg
+        self.users = users
+        self.boot_id = secrets.token_hex(8)
+        self.stats = Stats()
+        self.rate = RateLimiter(cfg.rate_limit)
+        self.running = True
+        self.procs = ProcSpace(self, models)   # process table, scheduler and driver
+        self.io = IOThread(cfg.socket, cfg.max_frame)
+        self.chan = self.io.kernel_end
+        self.poller = zmq.Poller()
+        self.poller.register(self.chan, zmq.POLLIN)
+        self.poller.register(self.io.monitor, zmq.POLLIN)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.io.start()
+        log.info("kernel up: boot %s on %s", self.boot_id, self.cfg.socket)
+        try:
+            while self.running:
+                self.drain_syscalls(idle=not self.procs.has_work())
+                plan = self.procs.schedule()
+                if plan is None or plan.is_empty:
+                    continue
+                self.procs.notify_preempted(plan)
+                result = self.procs.driver.execute(plan)
+                events = self.procs.update(plan, result)
+                self.procs.deliver(events)
+        finally:
+            self.procs.shutdown()
+            self.io.stop()
+            log.info("kernel down")
+
+    def drain_syscalls(self, idle: bool) -> None:
+        """Handle what the I/O thread has queued; when idle, sleep until something arrives."""
+        timeout = self.procs.idle_timeout_ms() if idle else 0
+        ready = dict(self.poller.poll(timeout))
+        if self.io.monitor in ready:
+            while self.io.monitor.poll(0):
+                self.io.monitor.recv_multipart()
+                self.stats.disconnects += 1
+        for _ in range(self.cfg.max_drain):
+            try:
+                identity, *frames = self.chan.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.handle(identity, frames)
+        self.procs.expire_waiters()
+
+    # -- one request --------------------------------------------------------------------------
+    def handle(self, identity: bytes, frames: list[bytes]) -> None:
+        self.stats.requests += 1
+        if len(frames) != 1:
+            self.stats.frames_dropped += 1      # not a DEALER single-frame request: no id to answer
+            return
+        try:
+            req = abi.decode_request(frames[0])
+        except SyscallError as err:
+            if err.rid is None:
+                self.stats.frames_dropped += 1
+            else:
+                self.send_error(identity, err.rid, err)
+            return
+        try:
+            user = self.users.authenticate(req.token)
+            sc = lookup(req.call)
+            self.users.check_cap(user, sc.cap, sc.name)
+            if not self.rate.allow(user.uid):
+                raise SyscallError("EAGAIN", f"rate limit: {self.cfg.rate_limit:g} calls/s per user")
+            call = Call(identity, req.rid, user, sc, check_args(sc, req.args))
+            result = handlers.dispatch(self, call)
+            if result is not PENDING_REPLY:
+                self.reply(call, result)
+        except SyscallError as err:
+            self.send_error(identity, req.rid, err)
+        except Exception as exc:               # a bug in a handler must not kill the kernel
+            log.error("handler crashed on %r: %s", req.call, traceback.format_exc())
+            self.send_error(identity, req.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
+
+    def reply(self, call: Call, result: Any, more: bool = False) -> None:
+        self.chan.send_multipart([call.identity, abi.encode_reply(call.rid, result, more)])
+
+    def send_error(self, identity: bytes, rid: Any, err: SyscallError) -> None:
+        self.stats.errors += 1
+        self.stats.rejects[err.errno] += 1
+        self.chan.send_multipart([identity, abi.encode_error(rid, err)])

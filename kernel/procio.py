@@ -1,0 +1,83 @@
+"""A process's I/O side: the text of its current turn, stop strings, and who is listening.
+
+The scheduler deals in token ids; this is where ids become text for readers. Stop strings
+are matched on the decoded text; the kernel ends the turn when one appears and the text is
+cut before it. Streamed text holds back a possible partial stop string and an incomplete
+UTF-8 character, so readers never see text that is later taken back.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+PENDING_REPLY = object()     # returned by a handler that will reply later (wait, read)
+
+
+@dataclass
+class Waiter:
+    """A pending ``read`` (stream) or ``wait`` call, answered by ``deliver``."""
+    kind: str                     # "read" | "wait"
+    call: Any                     # the kernel's Call (identity, rid, user, ...)
+    deadline: float | None = None
+
+
+@dataclass
+class ProcIO:
+    decode: Callable[[list[int]], str]
+    stop: tuple[str, ...] = ()
+    turn_ids: list[int] = field(default_factory=list)   # output ids of the current turn
+    text: str = ""                                      # decoded, stop-string-cut text of the turn
+    num_streamed_chars: int = 0
+    num_streamed_ids: int = 0
+    finish_reason: str | None = None                    # of the last finished turn
+    turn_done: bool = False
+    close_after_turn: bool = False                      # wait() on an interactive process
+    events: list[dict] = field(default_factory=list)    # preemption notices etc.
+    waiters: list[Waiter] = field(default_factory=list)
+
+    def new_turn(self) -> None:
+        self.turn_ids, self.text = [], ""
+        self.num_streamed_chars = self.num_streamed_ids = 0
+        self.turn_done, self.finish_reason = False, None
+
+    def append(self, token_id: int) -> bool:
+        """Add one generated token. Returns True if a stop string now ends the turn."""
+        self.turn_ids.append(token_id)
+        text = self.decode(self.turn_ids)
+        for s in self.stop:
+            i = text.find(s, max(0, len(self.text) - len(s)))
+            if i >= 0:
+                self.text = text[:i]
+                return True
+        self.text = text
+        return False
+
+    def pending_chunk(self, final: bool) -> dict | None:
+        """What readers have not seen yet; while the turn runs, hold back what may change."""
+        end = len(self.text)
+        if not final:
+            hold = max((len(s) - 1 for s in self.stop), default=0)
+            end = max(self.num_streamed_chars, end - hold)
+            while end > self.num_streamed_chars and self.text[end - 1] == "\ufffd":
+                end -= 1       # an incomplete multi-byte character: wait for its next token
+        text = self.text[self.num_streamed_chars:end]
+        ids = self.turn_ids[self.num_streamed_ids:]
+        if not text and not ids and not final:
+            return None
+        self.num_streamed_chars = end
+        self.num_streamed_ids = len(self.turn_ids)
+        return {"text": text, "token_ids": ids}
+
+    def result(self, pid: int, proc) -> dict:
+        return {"pid": pid, "text": self.text, "token_ids": list(self.turn_ids),
+                "finish_reason": self.finish_reason,
+                "usage": {"prompt_tokens": proc.tokens_in, "completion_tokens": proc.tokens_out,
+                          "cached_tokens": proc.num_cached_tokens}}
+
+    def expired(self, now: float | None = None) -> list[Waiter]:
+        now = time.monotonic() if now is None else now
+        gone = [w for w in self.waiters if w.deadline is not None and w.deadline <= now]
+        self.waiters = [w for w in self.waiters if w not in gone]
+        return gone

@@ -1,0 +1,156 @@
+"""Users, tokens, capabilities, quotas and rate limits.
+
+Identity comes only from the token in each request: a ZeroMQ routing id is never trusted.
+Tokens are stored as SHA-256 hashes in ``<state>/users.json`` (mode 0600), written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import CAPABILITIES
+
+ROOT_UID = 0
+DEFAULT_CAPS = tuple(c for c in CAPABILITIES if c != "admin")
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    caps: frozenset[str]
+    token_hashes: list[str] = field(default_factory=list)
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == ROOT_UID
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "llmos_" + secrets.token_urlsafe(32)
+
+
+class UserDB:
+    """The kernel's user table, persisted in one JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.users: dict[str, User] = {}
+        self.by_hash: dict[str, User] = {}
+        self.next_uid = 1000
+        if self.path.exists():
+            self._load()
+
+    def bootstrap(self) -> str | None:
+        """At first boot create root and return its token (shown once); later boots return None."""
+        if "root" in self.users:
+            return None
+        token = new_token()
+        self.users["root"] = User("root", ROOT_UID, frozenset(CAPABILITIES), [hash_token(token)])
+        self._save()
+        return token
+
+    def authenticate(self, token: str | None) -> User:
+        if not token:
+            raise SyscallError("EACCES", "no token: every request must carry one")
+        user = self.by_hash.get(hash_token(token))
+        if user is None:
+            raise SyscallError("EACCES", "bad token")
+        return user
+
+    @staticmethod
+    def check_cap(user: User, cap: str | None, call: str) -> None:
+        if cap is not None and cap not in user.caps:
+            raise SyscallError("EPERM", f"{call} needs capability '{cap}', which user {user.name} lacks")
+
+    def add(self, name: str, caps: list[str] | None = None) -> tuple[User, str]:
+        if not name or set(name) - _NAME_OK:
+            raise SyscallError("EINVAL", "user names use letters, digits, '_', '-', '.'")
+        if name in self.users:
+            raise SyscallError("EEXIST", f"user {name} exists")
+        caps = DEFAULT_CAPS if caps is None else tuple(caps)
+        bad = [c for c in caps if c not in CAPABILITIES]
+        if bad:
+            raise SyscallError("EINVAL", f"unknown capabilities {bad}; known: {list(CAPABILITIES)}")
+        token = new_token()
+        user = User(name, self.next_uid, frozenset(caps), [hash_token(token)])
+        self.next_uid += 1
+        self.users[name] = user
+        self._save()
+        return user, token
+
+    def new_token(self, name: str) -> str:
+        user = self.users.get(name)
+        if user is None:
+            raise SyscallError("ENOENT", f"no user {name}")
+        token = new_token()
+        user.token_hashes.append(hash_token(token))
+        self._save()
+        return token
+
+    def name_of(self, uid: int) -> str:
+        for u in self.users.values():
+            if u.uid == uid:
+                return u.name
+        return str(uid)
+
+    def _load(self) -> None:
+        data = json.loads(self.path.read_text())
+        self.next_uid = data.get("next_uid", 1000)
+        for name, u in data["users"].items():
+            self.users[name] = User(name, u["uid"], frozenset(u["caps"]), list(u["token_hashes"]))
+        self._index()
+
+    def _save(self) -> None:
+        data = {"next_uid": self.next_uid,
+                "users": {n: {"uid": u.uid, "caps": sorted(u.caps), "token_hashes": u.token_hashes}
+                          for n, u in self.users.items()}}
+        write_private(self.path, json.dumps(data, indent=1))
+        self._index()
+
+    def _index(self) -> None:
+        self.by_hash = {h: u for u in self.users.values() for h in u.token_hashes}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomically write ``text`` to ``path`` with mode 0600 (write, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class RateLimiter:
+    """A token bucket per uid: ``rate`` calls per second with bursts of ``burst``. 0 = unlimited."""
+
+    def __init__(self, rate: float, burst: float | None = None):
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self.buckets: dict[int, tuple[float, float]] = {}    # uid -> (tokens, last time)
+
+    def allow(self, uid: int) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, last = self.buckets.get(uid, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self.buckets[uid] = (tokens, now)
+            return False
+        self.buckets[uid] = (tokens - 1.0, now)
+        return True

@@ -1,0 +1,56 @@
+"""Handlers for system calls about the kernel itself and its users."""
+from __future__ import annotations
+
+import time
+
+import llmos
+from llmos.syscalls.abi import ABI_VERSION
+from llmos.syscalls.errors import SyscallError
+
+
+def sys_nop(k, call):
+    return {"boot_id": k.boot_id}
+
+
+def sys_uname(k, call):
+    return {"sysname": "llmos", "version": llmos.__version__, "abi": ABI_VERSION,
+            "boot_id": k.boot_id, "device": k.procs.device_name(), "models": k.procs.model_list()}
+
+
+def sys_whoami(k, call):
+    u = call.user
+    return {"user": u.name, "uid": u.uid, "caps": sorted(u.caps)}
+
+
+def sys_stat(k, call):
+    s = k.stats
+    return {"uptime_s": round(time.time() - s.started, 3), "requests": s.requests, "errors": s.errors,
+            "rejects": dict(s.rejects), "frames_dropped": s.frames_dropped,
+            "disconnects": s.disconnects, "steps": s.steps, "tokens_generated": s.tokens_generated,
+            "procs": k.procs.count_by_state()}
+
+
+def sys_shutdown(k, call):
+    k.running = False
+    return True
+
+
+def sys_user_add(k, call):
+    user, token = k.users.add(call.args["name"], call.args["caps"])
+    return {"user": user.name, "uid": user.uid, "token": token}
+
+
+def sys_user_token(k, call):
+    return {"user": call.args["name"], "token": k.users.new_token(call.args["name"])}
+
+
+def sys_user_list(k, call):
+    return [{"user": u.name, "uid": u.uid, "caps": sorted(u.caps), "num_tokens": len(u.token_hashes)}
+            for u in sorted(k.users.users.values(), key=lambda u: u.uid)]
+
+
+def sys_devinfo(k, call):
+    info = k.procs.devinfo()
+    if info is None:
+        raise SyscallError("ENOENT", "this kernel runs without a device driver (--model none)")
+    return info

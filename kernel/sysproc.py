@@ -1,0 +1,200 @@
+"""Process syscalls: thin adapters from checked arguments to the scheduler.
+
+Ownership is checked first (another user's pid is ``ESRCH``, exactly like a missing one);
+scheduler refusals (``KeyError``/``ValueError``) become ``ESRCH``/``EBUSY`` replies.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from llmos.drivers.batch import SamplingParams
+from llmos.kernel.procio import PENDING_REPLY, ProcIO, Waiter
+from llmos.kernel.procspace import random_seed
+from llmos.syscalls.errors import SyscallError
+
+_LIVE = ("READY", "RUNNING", "BLOCKED", "STOPPED", "SWAPPED")
+
+
+def _ps_row(k, p) -> dict:
+    return {"pid": p.pid, "ppid": p.ppid, "user": k.users.name_of(p.uid), "state": p.state.name,
+            "nice": p.nice, "model": p.model, "tokens_in": p.tokens_in, "tokens_out": p.tokens_out,
+            "kv_blocks": len(p.block_ids), "kv_swapped": len(p.host_block_ids),
+            "age_s": round(time.time() - p.created_at, 3)}
+
+
+def sys_ps(k, call):
+    return [_ps_row(k, p) for p in k.procs.visible(call, everyone=call.args["all"])]
+
+
+def sys_pinfo(k, call):
+    p = k.procs.get(call, call.args["pid"])
+    io = k.procs.io[p.pid]
+    s = p.sampling
+    return {**_ps_row(k, p),
+            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                         "repetition_penalty": s.repetition_penalty, "seed": s.seed},
+            "max_tokens": p.max_tokens, "interactive": p.interactive, "finish_reason": io.finish_reason,
+            "num_tokens": len(p.token_ids), "num_computed_tokens": p.num_computed_tokens,
+            "cached_tokens": p.num_cached_tokens, "preemptions": p.num_preemptions,
+            "swaps": p.num_swaps, "recomputes": p.num_recomputes, "events": io.events,
+            "stop": list(io.stop)}
+
+
+def sys_meminfo(k, call):
+    ps = k.procs
+    if ps.sched is None:
+        raise SyscallError("ENOENT", "this kernel runs without a model (--model none)")
+    info = dict(ps.sched.meminfo())
+    info["bytes_per_block"] = ps.driver.kv_bytes_per_block()
+    info["block_size"] = ps.cfg.block_size
+    return info
+
+
+def _sampling(args: dict, base: SamplingParams | None = None, seed: int | None = None) -> SamplingParams:
+    b = base or SamplingParams()
+    try:
+        return SamplingParams(
+            temperature=args.get("temperature") if args.get("temperature") is not None else b.temperature,
+            top_p=args.get("top_p") if args.get("top_p") is not None else b.top_p,
+            top_k=args.get("top_k") if args.get("top_k") is not None else b.top_k,
+            repetition_penalty=args.get("repetition_penalty") if args.get("repetition_penalty") is not None
+            else b.repetition_penalty,
+            seed=seed if seed is not None else random_seed())
+    except ValueError as exc:
+        raise SyscallError("EINVAL", str(exc))
+
+
+def _check_ids(name: str, ids: list, vocab: int) -> frozenset:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise SyscallError("EINVAL", f"{name} must be token ids in [0, {vocab})")
+    return frozenset(ids)
+
+
+def sys_spawn(k, call):
+    from llmos.kernel.proc import Process
+    ps, a, user = k.procs, call.args, call.user
+    ps.require_model(a["model"])
+    ids = ps.tokens_for(a)
+    limit = ps.driver.max_model_len
+    if len(ids) >= limit:
+        raise SyscallError("E2BIG", f"prompt is {len(ids)} tokens; the context window is {limit}")
+    live = sum(1 for p in ps.sched.procs.values() if p.uid == user.uid and p.state.name in _LIVE)
+    if not user.is_root and live >= ps.cfg.max_procs_per_user:
+        raise SyscallError("EAGAIN", f"process quota: user {user.name} has {live} of {ps.cfg.max_procs_per_user}")
+    quota = ps.cfg.kv_quota_blocks
+    need = math.ceil(min(limit, len(ids) + a["max_tokens"]) / ps.cfg.block_size)
+    if quota is not None and not user.is_root and need > quota:
+        raise SyscallError("ENOMEM", f"needs up to {need} KV blocks; user quota is {quota}")
+    stop = tuple(s for s in (a["stop"] or []) if isinstance(s, str) and s)
+    if len(stop) != len(a["stop"] or []):
+        raise SyscallError("EINVAL", "stop must be a list of non-empty strings")
+    proc = Process(
+        pid=ps.new_pid(), ppid=0, uid=user.uid, model=ps.driver.name, nice=a["priority"],
+        sampling=_sampling(a, seed=a["seed"]), max_tokens=a["max_tokens"],
+        stop_token_ids=_check_ids("stop_token_ids", a["stop_token_ids"] or [], ps.driver.config.vocab_size),
+        ignore_eos=a["ignore_eos"], interactive=a["interactive"], token_ids=ids)
+    ps.io[proc.pid] = ProcIO(decode=ps.driver.decode, stop=stop)
+    ps.sched.add(proc)
+    ps.idle = False
+    return proc.pid
+
+
+def sys_write(k, call):
+    ps, a = k.procs, call.args
+    p = ps.get(call, a["pid"])
+    if not p.interactive or p.state.name != "BLOCKED":
+        raise SyscallError("EBUSY", f"process {p.pid} is {p.state.name}; write needs an interactive "
+                                    f"process waiting for input")
+    ids = ps.tokens_for(a, prompt_key="text", ids_key="ids")
+    if len(p.token_ids) + len(ids) >= ps.driver.max_model_len:
+        raise SyscallError("E2BIG", f"conversation would exceed the context window ({ps.driver.max_model_len})")
+    if a["max_tokens"] is not None:
+        p.max_tokens = a["max_tokens"]
+    ps.io[p.pid].new_turn()
+    ps.sched.append_input(p.pid, ids)
+    ps.idle = False
+    return {"pid": p.pid, "tokens_in": len(ids)}
+
+
+def sys_read(k, call):
+    ps = k.procs
+    p = ps.get(call, call.args["pid"])
+    io = ps.io[p.pid]
+    sofar = {"text": io.text, "token_ids": list(io.turn_ids)}
+    if io.turn_done:
+        return {**sofar, "finish_reason": io.finish_reason, "events": io.events}
+    # Replay the turn so far, then stream the rest from where everyone else is.
+    if io.num_streamed_ids:
+        k.reply(call, {"text": io.text[:io.num_streamed_chars], "token_ids": io.turn_ids[:io.num_streamed_ids]},
+                more=True)
+    io.waiters.append(Waiter("read", call))
+    return PENDING_REPLY
+
+
+def sys_wait(k, call):
+    ps = k.procs
+    p = ps.get(call, call.args["pid"])
+    io = ps.io[p.pid]
+    if p.state.name == "ZOMBIE":
+        return ps.reap(p.pid)
+    if p.interactive:
+        io.close_after_turn = True
+        if p.state.name == "BLOCKED":      # between turns: nothing more will come
+            ps.sched.kill(p.pid)
+            return ps.reap(p.pid)
+    timeout = call.args["timeout"]
+    io.waiters.append(Waiter("wait", call, None if timeout is None else time.monotonic() + timeout))
+    return PENDING_REPLY
+
+
+def sys_kill(k, call):
+    ps, sig = k.procs, call.args["sig"]
+    p = ps.get(call, call.args["pid"])
+    if p.state.name == "ZOMBIE":
+        raise SyscallError("ESRCH", f"process {p.pid} has exited (reap it with wait)")
+    try:
+        if sig == "STOP":
+            ps.sched.stop(p.pid)
+        elif sig == "CONT":
+            ps.sched.cont(p.pid)
+        else:
+            ps.sched.kill(p.pid)
+            ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
+    except (KeyError, ValueError) as exc:
+        raise SyscallError("EBUSY", str(exc))
+    ps.idle = False
+    return True
+
+
+def sys_nice(k, call):
+    p = k.procs.get(call, call.args["pid"])
+    k.procs.sched.set_nice(p.pid, call.args["value"])
+    return {"pid": p.pid, "nice": call.args["value"]}
+
+
+def sys_fork(k, call):
+    from llmos.kernel.proc import Process
+    ps, a = k.procs, call.args
+    parent = ps.get(call, a["pid"])
+    if parent.state.name == "ZOMBIE":
+        raise SyscallError("ESRCH", f"process {parent.pid} has exited")
+    pids = []
+    for i in range(a["n"]):
+        seed = a["seed"] + i if a["seed"] is not None else None
+        child = Process(
+            pid=ps.new_pid(), ppid=parent.pid, uid=parent.uid, model=parent.model, nice=parent.nice,
+            sampling=_sampling(a, base=parent.sampling, seed=seed), max_tokens=parent.max_tokens,
+            stop_token_ids=parent.stop_token_ids, ignore_eos=parent.ignore_eos,
+            interactive=parent.interactive, token_ids=list(parent.token_ids))
+        try:
+            ps.sched.fork(parent.pid, child)
+        except (KeyError, ValueError) as exc:
+            raise SyscallError("EBUSY", str(exc))
+        pio = ps.io[parent.pid]
+        cio = ProcIO(decode=pio.decode, stop=pio.stop, turn_ids=list(pio.turn_ids), text=pio.text,
+                     turn_done=pio.turn_done, finish_reason=pio.finish_reason)
+        ps.io[child.pid] = cio
+        pids.append(child.pid)
+    ps.idle = False
+    return pids

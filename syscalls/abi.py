@@ -1,0 +1,100 @@
+"""Wire format of the syscall ABI: versioned msgpack envelopes over ZeroMQ DEALER/ROUTER.
+
+Request  (client -> kernel, one frame):
+    {"v": ABI_VERSION, "id": <int|str>, "call": <name|number>, "args": {..}, "token": <str>}
+Reply    (kernel -> client, one frame each; a streamed reply is several frames with the same id):
+    {"v": ABI_VERSION, "id": <same id>, "ok": true,  "result": <any>, "more": <bool>}
+    {"v": ABI_VERSION, "id": <same id>, "ok": false, "error": {"errno", "code", "message"}, "more": false}
+``more`` is true on every frame of a stream except the last one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from llmos.syscalls.errors import SyscallError
+
+ABI_VERSION = 1
+MAX_FRAME_BYTES = 16 * 1024 * 1024    # default frame limit, enforced by the kernel's socket
+MAX_REQUEST_ID_LEN = 64
+REQUEST_KEYS = frozenset({"v", "id", "call", "args", "token"})
+
+
+@dataclass(frozen=True)
+class Request:
+    """A decoded, well-formed request envelope (arguments not yet checked)."""
+    rid: int | str
+    call: str | int
+    args: dict
+    token: str | None
+
+
+def encode_request(rid: int | str, call: str | int, args: dict, token: str | None) -> bytes:
+    return msgpack.packb({"v": ABI_VERSION, "id": rid, "call": call, "args": args, "token": token})
+
+
+def encode_reply(rid: Any, result: Any = None, more: bool = False) -> bytes:
+    return msgpack.packb({"v": ABI_VERSION, "id": rid, "ok": True, "result": result, "more": more})
+
+
+def encode_error(rid: Any, err: SyscallError) -> bytes:
+    return msgpack.packb({"v": ABI_VERSION, "id": rid, "ok": False, "error": err.to_wire(),
+                          "more": False})
+
+
+def _valid_rid(rid: Any) -> bool:
+    if isinstance(rid, bool):
+        return False
+    if isinstance(rid, int):
+        return 0 <= rid < 2 ** 64
+    return isinstance(rid, str) and 0 < len(rid) <= MAX_REQUEST_ID_LEN
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode one request frame.
+
+    Raises ``SyscallError`` with ``.rid`` set when the request id could be read (the caller
+    replies), or with ``.rid`` None when not even that is possible (the caller drops the
+    frame and counts it).
+    """
+    try:
+        env = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # malformed msgpack of any kind
+        raise _err(None, "EPROTO", f"frame is not valid msgpack ({type(exc).__name__})")
+    if not isinstance(env, dict):
+        raise _err(None, "EPROTO", "envelope must be a map")
+    rid = env.get("id")
+    if not _valid_rid(rid):
+        raise _err(None, "EPROTO", "envelope has no valid request id")
+    if env.get("v") != ABI_VERSION:
+        raise _err(rid, "EPROTO", f"ABI version {env.get('v')!r} not supported (kernel speaks {ABI_VERSION})")
+    extra = set(env) - REQUEST_KEYS
+    if extra:
+        raise _err(rid, "EPROTO", f"unknown envelope keys: {sorted(map(str, extra))}")
+    call = env.get("call")
+    if isinstance(call, bool) or not isinstance(call, (str, int)):
+        raise _err(rid, "EPROTO", "envelope 'call' must be a name or a number")
+    args = env.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise _err(rid, "EPROTO", "envelope 'args' must be a map with string keys")
+    token = env.get("token")
+    if token is not None and not isinstance(token, str):
+        raise _err(rid, "EPROTO", "envelope 'token' must be a string")
+    return Request(rid=rid, call=call, args=args, token=token)
+
+
+def decode_reply(frame: bytes) -> dict:
+    env = msgpack.unpackb(frame, raw=False)
+    if not isinstance(env, dict) or env.get("v") != ABI_VERSION or "id" not in env:
+        raise SyscallError("EPROTO", "malformed reply from kernel")
+    return env
+
+
+def _err(rid: Any, errno: str, message: str) -> SyscallError:
+    err = SyscallError(errno, message)
+    err.rid = rid
+    return err

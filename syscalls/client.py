@@ -1,0 +1,180 @@
+"""The client stub: ``connect()`` returns a ``Client`` whose methods are the table's calls.
+
+A Client owns one DEALER socket and is meant for one thread (make one per thread). Every call
+has a timeout; a blocking call (``wait``, ``read``) probes the kernel while it waits, so a dead
+kernel gives ``ETIMEDOUT`` and a restarted one ``ECONNRESET`` instead of a hang.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Iterator
+
+import zmq
+
+from llmos.syscalls import abi, locate
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import SYSCALLS, Syscall, lookup
+
+DEFAULT_TIMEOUT = 30.0      # seconds for an ordinary call
+PROBE_EVERY = 2.0           # seconds of silence before a blocking call checks the kernel is alive
+CONNECT_TIMEOUT = 5.0       # seconds to wait for a connection before ECONNREFUSED
+
+
+class Client:
+    """A connection to a kernel. Methods named after the syscalls are generated from the table."""
+
+    def __init__(self, socket: str, token: str | None, timeout: float = DEFAULT_TIMEOUT,
+                 max_frame: int = abi.MAX_FRAME_BYTES):
+        self.endpoint = socket
+        self.token = token
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)    # never queue requests for a kernel that isn't there
+        self._sock.connect(socket)
+        self._boot_id: str | None = None
+
+    # -- the generic call -------------------------------------------------------------------
+    def call(self, name: str | int, /, *, _timeout: float | None = None, **args) -> Any:
+        """Make one call and return its result (a streamed call returns the final frame)."""
+        sc = lookup(name) if _is_known(name) else None
+        if sc is not None and sc.stream:
+            last = None
+            for last in self.stream(name, _timeout=_timeout, **args):
+                pass
+            return last
+        rid = self._send(name, args)
+        blocking = sc is not None and sc.blocking
+        return self._recv(rid, _timeout, blocking)[0]
+
+    def stream(self, name: str | int, /, *, _timeout: float | None = None, **args) -> Iterator[Any]:
+        """Yield every frame's result of a streamed call, the final one last."""
+        rid = self._send(name, args)
+        while True:
+            result, more = self._recv(rid, _timeout, blocking=True)
+            yield result
+            if not more:
+                return
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- wire ---------------------------------------------------------------------------------
+    def _send(self, name, args) -> int:
+        sc = lookup(name) if _is_known(name) else None
+        if sc is not None and sc.blocking and self._boot_id is None:
+            # Learn which kernel we talk to, so a restart during the wait is noticed.
+            self._boot_id = self.call("nop")["boot_id"]
+        rid = next(self._ids)
+        frame = abi.encode_request(rid, name, _plain(args), self.token)
+        if len(frame) > self.max_frame:
+            raise SyscallError("EMSGSIZE", f"request is {len(frame)} bytes; the limit is {self.max_frame}")
+        if locate.is_ipc(self.endpoint) and not os.path.exists(locate.ipc_path(self.endpoint)):
+            raise SyscallError("ECONNREFUSED", f"no kernel listening at {self.endpoint} "
+                                               f"(start one with `llmos kernel start`)")
+        if not self._sock.poll(int(CONNECT_TIMEOUT * 1000), zmq.POLLOUT):
+            raise SyscallError("ECONNREFUSED", f"could not reach a kernel at {self.endpoint}")
+        self._sock.send(frame)
+        return rid
+
+    def _recv(self, rid: int, timeout: float | None, blocking: bool) -> tuple[Any, bool]:
+        """Wait for the next frame of request ``rid``; stale frames of older requests are dropped."""
+        limit = None if (blocking and timeout is None) else (timeout or self.timeout)
+        start = last_heard = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if limit is not None and now - start > limit:
+                raise SyscallError("ETIMEDOUT", f"no reply from the kernel in {limit:.1f}s")
+            slice_s = PROBE_EVERY if limit is None else min(PROBE_EVERY, limit - (now - start))
+            env = None
+            if self._sock.poll(max(1, int(slice_s * 1000)), zmq.POLLIN):
+                env = abi.decode_reply(self._sock.recv())
+                last_heard = time.monotonic()
+            elif blocking and time.monotonic() - last_heard >= PROBE_EVERY:
+                env = self._probe(rid)
+                last_heard = time.monotonic()
+            if env is not None and env.get("id") == rid:
+                if not env.get("ok"):
+                    raise SyscallError.from_wire(env.get("error"))
+                return env.get("result"), bool(env.get("more"))
+
+    def _probe(self, pending_rid: int) -> dict | None:
+        """Check that the kernel that owns our pending call is still the one running.
+
+        Returns the pending call's own reply if it arrives meanwhile, else None."""
+        probe_rid = next(self._ids)
+        self._sock.send(abi.encode_request(probe_rid, "nop", {}, self.token))
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if not self._sock.poll(100, zmq.POLLIN):
+                continue
+            env = abi.decode_reply(self._sock.recv())
+            if env.get("id") == pending_rid:   # the real reply overtook the probe
+                return env
+            if env.get("id") == probe_rid:
+                boot_id = (env.get("result") or {}).get("boot_id") if env.get("ok") else None
+                if self._boot_id is None:
+                    self._boot_id = boot_id
+                elif boot_id != self._boot_id:
+                    raise SyscallError("ECONNRESET", "the kernel restarted; the pending call was lost")
+                return None
+        raise SyscallError("ETIMEDOUT", f"the kernel stopped answering ({self.timeout:.0f}s)")
+
+    def __repr__(self):
+        return f"<llmos.Client {self.endpoint}>"
+
+
+def _is_known(name) -> bool:
+    try:
+        lookup(name)
+        return True
+    except SyscallError:
+        return False
+
+
+def _plain(args: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items() if v is not None}
+
+
+def _make_stub(sc: Syscall):
+    names = [a.name for a in sc.args]
+
+    def stub(self, *pos, _timeout: float | None = None, **kw):
+        if len(pos) > len(names):
+            raise TypeError(f"{sc.name}() takes at most {len(names)} positional arguments")
+        kw.update(zip(names, pos))
+        if sc.stream:
+            return self.stream(sc.name, _timeout=_timeout, **kw)
+        return self.call(sc.name, _timeout=_timeout, **kw)
+
+    arglist = ", ".join(("" if a.required else "[") + a.name + ("" if a.required else "]") for a in sc.args)
+    stub.__name__ = sc.name
+    stub.__doc__ = f"{sc.name}({arglist}) -> {sc.returns}\n\n{sc.doc}"
+    return stub
+
+
+for _sc in SYSCALLS:
+    setattr(Client, _sc.name, _make_stub(_sc))
+
+
+def connect(socket: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    """Connect to a kernel.
+
+    ``socket``: a ZeroMQ endpoint (``ipc://…`` or ``tcp://…``); default ``$LLMOS_SOCKET``, else
+    the local kernel's socket under ``$LLMOS_STATE_DIR`` (default ``~/.llmos``).
+    ``token``: default ``$LLMOS_TOKEN``, else the token saved for the local user.
+    """
+    socket = socket or os.environ.get("LLMOS_SOCKET") or locate.default_socket()
+    token = token or os.environ.get("LLMOS_TOKEN") or locate.saved_token()
+    return Client(socket, token, timeout=timeout)

@@ -1,0 +1,36 @@
+"""Where the local kernel lives: its state directory, socket and the local user's token.
+
+Shared by the kernel (which creates them) and clients (which find them), so both agree.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SOCKET_NAME = "kernel.sock"
+TOKEN_NAME = "token"
+MAX_IPC_PATH = 107       # sun_path limit on Linux, less the terminating NUL
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("LLMOS_STATE_DIR") or Path.home() / ".llmos").expanduser()
+
+
+def default_socket(state: Path | None = None) -> str:
+    return "ipc://" + str((state or state_dir()) / "run" / SOCKET_NAME)
+
+
+def saved_token(state: Path | None = None) -> str | None:
+    """The token saved for the local user (root's, written at first boot), if readable."""
+    try:
+        return ((state or state_dir()) / TOKEN_NAME).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def is_ipc(endpoint: str) -> bool:
+    return endpoint.startswith("ipc://")
+
+
+def ipc_path(endpoint: str) -> str:
+    return endpoint[len("ipc://"):]

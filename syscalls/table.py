@@ -1,0 +1,181 @@
+"""The one syscall table.
+
+Every call is declared here once: number, name, argument schema, capability, who serves it,
+and whether its reply streams. Argument checking (``check_args``), the client stubs
+(``llmos.syscalls.client``), the shell's completion and ``docs/abi.md`` are all derived from
+``SYSCALLS``. The kernel maps numbers to handler functions in its own table and refuses to
+boot if a kernel-served call has no handler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos.syscalls.errors import SyscallError
+
+CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "admin")
+TYPES = ("int", "float", "str", "bool", "bytes", "list", "map", "any")
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+    "bytes": (bytes,), "list": (list, tuple), "map": (dict,), "any": (object,),
+}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument. ``nullable`` lets ``None`` through (and is implied by default=None)."""
+    name: str
+    type: str
+    required: bool = False
+    default: Any = None
+    min: float | None = None          # numbers: inclusive bounds
+    max: float | None = None
+    max_len: int | None = None        # str/bytes/list/map: length bound
+    choices: tuple | None = None
+    doc: str = ""
+
+    def __post_init__(self):
+        assert self.type in TYPES, self.type
+
+    def check(self, value: Any) -> Any:
+        if value is None:
+            if self.required:
+                raise SyscallError("EINVAL", f"argument '{self.name}' is required")
+            return self.default
+        py = _PY_TYPES[self.type]
+        if not isinstance(value, py) or (isinstance(value, bool) and self.type in ("int", "float")):
+            raise SyscallError("EINVAL", f"argument '{self.name}' must be {self.type}, "
+                                         f"got {type(value).__name__}")
+        if self.type == "float":
+            value = float(value)
+            if value != value:
+                raise SyscallError("EINVAL", f"argument '{self.name}' is NaN")
+        if self.min is not None and value < self.min:
+            raise SyscallError("EINVAL", f"argument '{self.name}' must be >= {self.min}, got {value}")
+        if self.max is not None and value > self.max:
+            raise SyscallError("EINVAL", f"argument '{self.name}' must be <= {self.max}, got {value}")
+        if self.max_len is not None and len(value) > self.max_len:
+            raise SyscallError("E2BIG", f"argument '{self.name}' longer than {self.max_len}")
+        if self.choices is not None and value not in self.choices:
+            raise SyscallError("EINVAL", f"argument '{self.name}' must be one of {list(self.choices)}")
+        return list(value) if self.type == "list" else value
+
+
+@dataclass(frozen=True)
+class Syscall:
+    num: int
+    name: str
+    args: tuple[Arg, ...] = ()
+    cap: str | None = None            # None: any authenticated user
+    served_by: str = "kernel"         # "kernel" or the name of the service that serves it
+    stream: bool = False              # reply is several frames ending with more=false
+    blocking: bool = False            # may wait for the scheduler before replying
+    doc: str = ""
+    returns: str = ""
+    arg_by_name: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        assert self.cap is None or self.cap in CAPABILITIES, self.cap
+        object.__setattr__(self, "arg_by_name", {a.name: a for a in self.args})
+
+
+def _pid(doc="process id"):
+    return Arg("pid", "int", required=True, min=1, max=2**31 - 1, doc=doc)
+
+
+_TEXT = 1 << 20        # longest prompt/text accepted in one call (characters)
+_IDS = 1 << 17         # longest token-id list
+_SAMPLING = (
+    Arg("max_tokens", "int", default=128, min=1, max=1 << 20, doc="tokens to generate per turn"),
+    Arg("temperature", "float", default=0.0, min=0.0, max=100.0, doc="0 = greedy"),
+    Arg("top_p", "float", default=1.0, min=1e-6, max=1.0),
+    Arg("top_k", "int", default=0, min=0, max=1 << 20, doc="0 = no top-k cut"),
+    Arg("repetition_penalty", "float", default=1.0, min=0.01, max=10.0),
+    Arg("seed", "int", min=0, max=2**63 - 1, doc="same seed -> same output; random if omitted"),
+    Arg("stop", "list", max_len=16, doc="stop strings (the output ends before them)"),
+    Arg("stop_token_ids", "list", max_len=64),
+    Arg("ignore_eos", "bool", default=False),
+)
+
+SYSCALLS: tuple[Syscall, ...] = (
+    Syscall(0, "nop", doc="Do nothing; measures round-trip cost and tells the kernel's boot id.",
+            returns="{boot_id}"),
+    Syscall(1, "uname", doc="Kernel identity: version, ABI version, device, models.",
+            returns="{sysname, version, abi, boot_id, device, models:[{name, architecture, random_weights}]}"),
+    Syscall(2, "whoami", doc="The authenticated caller.", returns="{user, uid, caps}"),
+    Syscall(3, "stat", doc="Kernel counters: uptime, requests, errors, rejected and dropped frames.",
+            returns="{uptime_s, requests, errors, rejects:{errno:count}, frames_dropped, disconnects, procs, steps}"),
+    Syscall(4, "ps", (Arg("all", "bool", default=False, doc="root: include every user's processes"),),
+            cap="proc", doc="List your processes.",
+            returns="[{pid, ppid, user, state, nice, model, tokens_in, tokens_out, kv_blocks, kv_swapped, age_s}]"),
+    Syscall(5, "shutdown", cap="admin", doc="Stop the kernel cleanly after replying.", returns="true"),
+    Syscall(6, "user_add", (Arg("name", "str", required=True, max_len=64),
+                            Arg("caps", "list", max_len=len(CAPABILITIES), doc="default: all but admin")),
+            cap="admin", doc="Create a user and return its first token (shown once).",
+            returns="{user, uid, token}"),
+    Syscall(7, "user_token", (Arg("name", "str", required=True, max_len=64),), cap="admin",
+            doc="Issue a new token for a user (older tokens stay valid).", returns="{user, token}"),
+    Syscall(8, "user_list", cap="admin", doc="List users (never their tokens).",
+            returns="[{user, uid, caps, num_tokens}]"),
+    Syscall(9, "devinfo", cap="mm", doc="Device capacity and telemetry.",
+            returns="{kind, name, total_bytes, free_bytes, used_bytes, utilization_pct, temperature_c, power_w}"),
+    Syscall(10, "meminfo", cap="mm", doc="KV block pool and swap usage.",
+            returns="{block_size, blocks_total, blocks_used, blocks_free, blocks_shared, blocks_cached, "
+                    "blocks_swapped, host_blocks_total, bytes_per_block, utilization, ...}"),
+    Syscall(11, "spawn", (
+        Arg("model", "str", max_len=512, doc="model name; default: the kernel's default model"),
+        Arg("prompt", "str", max_len=_TEXT, doc="raw text"),
+        Arg("messages", "list", max_len=4096, doc="chat messages [{role, content}], chat template applied"),
+        Arg("prompt_ids", "list", max_len=_IDS, doc="token ids, fed as they are"),
+        *_SAMPLING,
+        Arg("priority", "int", default=0, min=-20, max=19, doc="nice value: -20 most important"),
+        Arg("interactive", "bool", default=False,
+            doc="keep the process (and its KV) after each turn; continue it with write"),
+    ), cap="proc", doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
+        returns="pid"),
+    Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), Arg("messages", "list", max_len=4096),
+                          Arg("ids", "list", max_len=_IDS),
+                          Arg("max_tokens", "int", min=1, max=1 << 20, doc="for the new turn")),
+            cap="proc", doc="Append input to an interactive process waiting for input; starts a new turn.",
+            returns="{pid, tokens_in}"),
+    Syscall(13, "read", (_pid(),), cap="proc", stream=True, blocking=True,
+            doc="Stream the current turn's output from where it starts; frames until the turn ends.",
+            returns="frames {text, token_ids} ... final {text, token_ids, finish_reason, events}"),
+    Syscall(14, "wait", (_pid(), Arg("timeout", "float", min=0.0, max=86400.0,
+                                     doc="seconds; ETIMEDOUT when passed (process not reaped)")),
+            cap="proc", blocking=True,
+            doc="Wait for the process to end and reap it. An interactive process ends after its current turn.",
+            returns="{pid, text, token_ids, finish_reason, usage:{prompt_tokens, completion_tokens, cached_tokens}}"),
+    Syscall(15, "kill", (_pid(), Arg("sig", "str", default="TERM", choices=("TERM", "KILL", "STOP", "CONT"))),
+            cap="proc", doc="Send a signal: TERM/KILL end it, STOP pauses it (KV swapped first under pressure), CONT resumes.",
+            returns="true"),
+    Syscall(16, "nice", (_pid(), Arg("value", "int", required=True, min=-20, max=19)), cap="proc",
+            doc="Change a process's priority (nice value).", returns="{pid, nice}"),
+    Syscall(17, "fork", (_pid(), Arg("n", "int", default=1, min=1, max=64),
+                         Arg("seed", "int", min=0, max=2**63 - 1, doc="child i gets seed+i"),
+                         Arg("temperature", "float", min=0.0, max=100.0)),
+            cap="proc", doc="Clone a live process n times, sharing its full KV blocks copy-on-write.",
+            returns="[pid, ...]"),
+    Syscall(18, "pinfo", (_pid(),), cap="proc", doc="Everything about one process (its PCB).",
+            returns="{pid, ppid, user, state, nice, model, sampling, tokens_in, tokens_out, ...}"),
+)
+
+BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
+BY_NUM: dict[int, Syscall] = {s.num: s for s in SYSCALLS}
+assert len(BY_NAME) == len(BY_NUM) == len(SYSCALLS), "syscall names and numbers must be unique"
+
+
+def lookup(call: str | int) -> Syscall:
+    """The syscall for a wire name or number; ``ENOSYS`` if there is none."""
+    sc = BY_NUM.get(call) if isinstance(call, int) else BY_NAME.get(call)
+    if sc is None:
+        raise SyscallError("ENOSYS", f"unknown syscall {call!r}")
+    return sc
+
+
+def check_args(sc: Syscall, args: dict) -> dict:
+    """Validate ``args`` against the schema; returns them with defaults filled in."""
+    unknown = [k for k in args if k not in sc.arg_by_name]
+    if unknown:
+        raise SyscallError("EINVAL", f"{sc.name}: unknown argument(s) {sorted(unknown)}")
+    return {a.name: a.check(args.get(a.name)) for a in sc.args}

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real kernel process on a temporary socket and state directory."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from llmos import connect
+from llmos.syscalls import locate
+
+
+class KernelProc:
+    """A kernel started as ``python -m llmos.kernel`` with its own state directory."""
+
+    def __init__(self, *args: str, model: str = "none", state: Path | None = None):
+        # ipc paths are limited to 107 bytes, so keep state directories short.
+        self.state = state or Path(tempfile.mkdtemp(prefix="llmos-"))
+        self.socket = locate.default_socket(self.state)
+        self.args = ["--state-dir", str(self.state), "--model", model, *args]
+        self.proc = None
+
+    def start(self, timeout: float = 120.0) -> "KernelProc":
+        self.log = open(self.state / "test-kernel.out", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel", *self.args],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kernel exited {self.proc.returncode}:\n{self.output()}")
+            if self.token and os.path.exists(locate.ipc_path(self.socket)):
+                try:
+                    with self.client(timeout=1.0) as c:
+                        c.nop()
+                    return self
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"kernel did not come up:\n{self.output()}")
+
+    @property
+    def token(self) -> str | None:
+        return locate.saved_token(self.state)
+
+    def client(self, token: str | None = None, timeout: float = 30.0):
+        return connect(self.socket, token or self.token, timeout=timeout)
+
+    def output(self) -> str:
+        return (self.state / "test-kernel.out").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def cleanup(self) -> None:
+        self.stop()
+        self.log.close()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+@pytest.fixture
+def start_kernel():
+    """Factory: ``start_kernel("--rate-limit", "100", model="none")`` -> a running KernelProc."""
+    started: list[KernelProc] = []
+
+    def start(*args: str, model: str = "none", **kw) -> KernelProc:
+        k = KernelProc(*args, model=model, **kw)
+        started.append(k)
+        return k.start()
+
+    yield start
+    for k in started:
+        k.cleanup()
+
+
+@pytest.fixture
+def kernel(start_kernel) -> KernelProc:
+    """A model-less kernel: the ABI, users and security without loading torch models."""
+    return start_kernel()
+
+
+@pytest.fixture
+def root(kernel):
+    with kernel.client() as c:
+        yield c

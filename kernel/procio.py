@@ -74,7 +74,9 @@ class ProcIO:
         return {"pid": pid, "text": self.text, "token_ids": list(self.turn_ids),
                 "finish_reason": self.finish_reason,
                 "usage": {"prompt_tokens": proc.tokens_in, "completion_tokens": proc.tokens_out,
-                          "cached_tokens": proc.num_cached_tokens}}
+                          "cached_tokens": proc.num_cached_tokens},
+                "accounting": {"preemptions": proc.num_preemptions, "swaps": proc.num_swaps,
+                               "recomputes": proc.num_recomputes}}
 
     def expired(self, now: float | None = None) -> list[Waiter]:
         now = time.monotonic() if now is None else now

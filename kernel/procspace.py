@@ -45,11 +45,13 @@ class ProcSpace:
         cap = cfg.max_num_seqs * math.ceil(self.driver.max_model_len / cfg.block_size)
         num_blocks = cfg.kv_blocks or max(16, min(cap, int(self.device.free_bytes() * cfg.kv_fraction) // per_block))
         num_host = cfg.host_kv_blocks if cfg.host_kv_blocks is not None else num_blocks
+        # A lone process must always fit in the pool, so the context window is at most the pool.
+        self.max_model_len = min(self.driver.max_model_len, num_blocks * cfg.block_size)
         self.driver.allocate_kv(num_blocks, num_host)
         self.sched = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, num_host_blocks=num_host, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=self.driver.max_model_len, preempt_mode=cfg.preempt_mode,
+            max_model_len=self.max_model_len, preempt_mode=cfg.preempt_mode,
             eos_token_ids=frozenset(self.driver.eos_token_ids)))
         log.info("model %s on %s: %d KV blocks (%d bytes each), %d host blocks",
                  self.driver.name, self.device.name, num_blocks, per_block, num_host)
@@ -85,8 +87,8 @@ class ProcSpace:
                     self._stream(ev.pid, final=False)
             elif ev.kind == "finished" and not io.turn_done:
                 self.turn_done(ev.pid, ev.reason)
-            elif ev.kind in ("preempted", "resumed"):
-                io.events.append({"event": ev.kind, "reason": ev.reason})
+            elif ev.kind == "resumed":     # "preempted" was told from the plan, before the move
+                io.events.append({"event": "resumed"})
 
     def has_work(self) -> bool:
         return not self.idle

@@ -76,9 +76,9 @@ def sys_spawn(k, call):
     ps, a, user = k.procs, call.args, call.user
     ps.require_model(a["model"])
     ids = ps.tokens_for(a)
-    limit = ps.driver.max_model_len
+    limit = ps.max_model_len
     if len(ids) >= limit:
-        raise SyscallError("E2BIG", f"prompt is {len(ids)} tokens; the context window is {limit}")
+        raise SyscallError("EINVAL", f"prompt is {len(ids)} tokens; the context window is {limit}")
     live = sum(1 for p in ps.sched.procs.values() if p.uid == user.uid and p.state.name in _LIVE)
     if not user.is_root and live >= ps.cfg.max_procs_per_user:
         raise SyscallError("EAGAIN", f"process quota: user {user.name} has {live} of {ps.cfg.max_procs_per_user}")
@@ -107,8 +107,8 @@ def sys_write(k, call):
         raise SyscallError("EBUSY", f"process {p.pid} is {p.state.name}; write needs an interactive "
                                     f"process waiting for input")
     ids = ps.tokens_for(a, prompt_key="text", ids_key="ids")
-    if len(p.token_ids) + len(ids) >= ps.driver.max_model_len:
-        raise SyscallError("E2BIG", f"conversation would exceed the context window ({ps.driver.max_model_len})")
+    if len(p.token_ids) + len(ids) >= ps.max_model_len:
+        raise SyscallError("EINVAL", f"conversation would exceed the context window ({ps.max_model_len})")
     if a["max_tokens"] is not None:
         p.max_tokens = a["max_tokens"]
     ps.io[p.pid].new_turn()

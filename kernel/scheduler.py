@@ -1,0 +1,336 @@
+"""The priority scheduler: continuous batching with chunked prefill over a paged KV pool.
+
+One step is ``plan = schedule(); result = driver.execute(plan); events = update(plan, result)``.
+``schedule`` walks runnable processes by effective priority (nice minus an aging bonus,
+then arrival), gives each a decode token or a prefill chunk under the token budget,
+finds blocks for it (preempting less important holders if needed, see ``preempt``) and
+returns a ``StepPlan``. ``update`` folds the sampled tokens back and finishes turns.
+The signal-like controls (``kill``, ``stop``, ``fork``, ...) are called by syscall handlers
+between steps; they raise ``KeyError`` for an unknown pid and ``ValueError`` for a bad state
+or argument.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from llmos.drivers.batch import SeqChunk, StepPlan, StepResult
+from llmos.kernel import preempt
+from llmos.kernel.block_manager import BlockManager
+from llmos.kernel.proc import NICE_MAX, NICE_MIN, Process, ProcState
+
+PREEMPT_MODES = ("auto", "swap", "recompute")
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str                    # "token" | "finished" | "preempted" | "resumed"
+    pid: int
+    token_id: int | None = None  # for "token"
+    reason: str | None = None    # "finished": stop|length|killed|quota|...; "preempted": swap|recompute
+
+
+@dataclass
+class SchedulerConfig:
+    num_blocks: int
+    num_host_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    aging_steps: int = 32
+    preempt_mode: str = "auto"
+    recompute_max_tokens: int = 64
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        positive = ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "aging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.num_host_blocks < 0 or self.recompute_max_tokens < 0:
+            raise ValueError("num_host_blocks and recompute_max_tokens must be >= 0")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if -(-self.max_model_len // self.block_size) > self.num_blocks:
+            # A lone process must always fit, or it could wait forever.
+            raise ValueError("max_model_len does not fit in num_blocks * block_size")
+        if self.preempt_mode not in PREEMPT_MODES:
+            raise ValueError(f"preempt_mode must be one of {PREEMPT_MODES}")
+        self.eos_token_ids = frozenset(self.eos_token_ids)
+
+
+@dataclass
+class _Step:
+    """Working state of one ``schedule`` call."""
+    budget: int
+    chunks: list[SeqChunk] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[tuple[int, str]] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+
+    @property
+    def busy_pids(self) -> set[int]:
+        return {c.pid for c in self.chunks} | {pid for pid, _ in self.preempted}
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.num_host_blocks, config.block_size)
+        self.procs: dict[int, Process] = {}          # the process table
+        self.kv_quotas: dict[int, int] = {}          # uid -> max device blocks
+        self.pending_copies: list[tuple[int, int]] = []
+        self.step_id = 0
+        self._num_arrivals = 0
+        self._resumed: dict[int, list[int]] = {}     # step_id -> pids resumed in it
+        self._scheduled_at = time.monotonic()
+
+    # ----- the process table -----
+    def add(self, proc: Process) -> Process:
+        if proc.pid in self.procs:
+            raise ValueError(f"pid {proc.pid} already exists")
+        if not 1 <= proc.num_tokens < self.config.max_model_len:
+            raise ValueError(f"prompt must have 1..{self.config.max_model_len - 1} tokens")
+        assert not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0
+        proc.state = ProcState.READY
+        self._admit(proc)
+        return proc
+
+    def get(self, pid: int) -> Process:
+        try:
+            return self.procs[pid]
+        except KeyError:
+            raise KeyError(f"no process {pid}") from None
+
+    def _admit(self, proc: Process) -> None:
+        proc.arrival = self._num_arrivals
+        self._num_arrivals += 1
+        self.procs[proc.pid] = proc
+
+    def _alive(self, pid: int) -> Process:
+        proc = self.get(pid)
+        if not proc.is_alive:
+            raise ValueError(f"process {pid} has exited")
+        return proc
+
+    def effective_priority(self, proc: Process) -> int:
+        return proc.nice - proc.age // self.config.aging_steps
+
+    def order_key(self, proc: Process) -> tuple[int, int]:
+        """Scheduling order: smaller runs first."""
+        return self.effective_priority(proc), proc.arrival
+
+    # ----- one step -----
+    def schedule(self) -> StepPlan:
+        self.step_id += 1
+        self._scheduled_at = time.monotonic()
+        step = _Step(budget=self.config.max_num_batched_tokens)
+        for proc in sorted((p for p in self.procs.values() if p.is_runnable), key=self.order_key):
+            if len(step.chunks) >= self.config.max_num_seqs or step.budget == 0:
+                break
+            if proc.pid not in step.busy_pids:
+                self._schedule_one(proc, step)
+        self._age_and_mark(step)
+        copies, self.pending_copies = self.pending_copies, []
+        self.block_manager.end_step()
+        if step.resumed:
+            self._resumed[self.step_id] = step.resumed
+        return StepPlan(step_id=self.step_id, chunks=step.chunks, swap_out=step.swap_out,
+                        swap_in=step.swap_in, copies=copies, preempted=step.preempted)
+
+    def _schedule_one(self, proc: Process, step: _Step) -> bool:
+        bm = self.block_manager
+        num_cached = 0
+        if not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0:
+            num_cached = bm.match_prefix(proc)
+        num_new = min(proc.num_uncomputed_tokens, step.budget)
+        assert num_new > 0, f"runnable pid {proc.pid} has nothing to compute"
+        if not self._make_room(proc, bm.num_blocks_needed(proc, num_new), step):
+            if num_cached:
+                bm.drop(proc)       # a waiting process holds nothing; the cache keeps the blocks
+            return False
+        proc.num_cached_tokens += num_cached
+        if proc.host_block_ids:
+            step.swap_in += bm.swap_in(proc)
+        bm.allocate(proc, num_new)
+        if proc.resume_pending:
+            proc.resume_pending = False
+            step.resumed.append(proc.pid)
+        start, end = proc.num_computed_tokens, proc.num_computed_tokens + num_new
+        history = list(proc.token_ids[:end]) if proc.sampling.repetition_penalty != 1.0 else None
+        step.chunks.append(SeqChunk(pid=proc.pid, token_ids=proc.token_ids[start:end], start_pos=start,
+                                    block_ids=list(proc.block_ids), sample=end == proc.num_tokens,
+                                    sampling=proc.sampling, history=history))
+        step.budget -= num_new
+        return True
+
+    def _make_room(self, proc: Process, num_needed: int, step: _Step) -> bool:
+        """Make ``num_needed`` blocks available to ``proc``, preempting if that suffices."""
+        bm, quota = self.block_manager, self.kv_quotas.get(proc.uid)
+        if num_needed <= bm.num_free_blocks and (quota is None or bm.kv_blocks_used_by(proc.uid) + num_needed <= quota):
+            return True
+        order = preempt.victim_order(proc, self.procs.values(), self.order_key, step.busy_pids, bm)
+        victims = preempt.choose_victims(proc, order, num_needed, quota, bm)
+        if victims is None:
+            return False
+        for victim in victims:
+            self._preempt(victim, step)
+        return True
+
+    def _preempt(self, victim: Process, step: _Step) -> None:
+        cfg = self.config
+        mode = preempt.preempt_mode(cfg.preempt_mode, cfg.recompute_max_tokens, victim, self.block_manager)
+        step.swap_out += preempt.preempt(victim, mode, self.block_manager)
+        step.preempted.append((victim.pid, mode))
+
+    def _age_and_mark(self, step: _Step) -> None:
+        scheduled = {c.pid for c in step.chunks}
+        for proc in self.procs.values():
+            if proc.pid in scheduled:
+                proc.state, proc.age = ProcState.RUNNING, 0
+            elif proc.is_runnable:
+                proc.age += 1
+                if proc.state is ProcState.RUNNING:
+                    proc.state = ProcState.READY
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Event]:
+        """Fold the driver's result into the process table; returns events in order."""
+        assert result.step_id == plan.step_id, "result is for another plan"
+        events = [Event("preempted", pid, reason=mode) for pid, mode in plan.preempted]
+        events += [Event("resumed", pid) for pid in self._resumed.pop(plan.step_id, [])]
+        now = time.monotonic()
+        elapsed = now - self._scheduled_at
+        scheduled = {c.pid for c in plan.chunks}
+        for proc in self.procs.values():
+            if proc.pid not in scheduled and proc.is_runnable:
+                proc.time_queued += elapsed
+        for chunk in plan.chunks:
+            proc = self.procs.get(chunk.pid)
+            if proc is None or proc.state is not ProcState.RUNNING:
+                continue
+            assert proc.num_computed_tokens == chunk.start_pos, f"pid {proc.pid} out of step"
+            proc.time_running += elapsed
+            proc.num_computed_tokens = chunk.end_pos
+            self.block_manager.cache_full_blocks(proc)
+            if chunk.sample:
+                token_id = result.sampled[chunk.pid]
+                proc.token_ids.append(token_id)
+                proc.tokens_out += 1
+                if proc.first_token_at is None:
+                    proc.first_token_at = time.time()
+                events.append(Event("token", proc.pid, token_id=token_id))
+                reason = self._finish_reason(proc, token_id)
+                if reason is not None:
+                    self._end_turn(proc, reason)
+                    events.append(Event("finished", proc.pid, reason=reason))
+        return events
+
+    def _finish_reason(self, proc: Process, token_id: int) -> str | None:
+        cfg = self.config
+        if token_id in proc.stop_token_ids or (token_id in cfg.eos_token_ids and not proc.ignore_eos):
+            return "stop"
+        if proc.num_output_tokens >= proc.max_tokens or proc.num_tokens >= cfg.max_model_len:
+            return "length"
+        quota = self.kv_quotas.get(proc.uid)
+        if quota is not None and self.block_manager.blocks_for(proc.num_tokens) > quota:
+            return "quota"          # its next step could never fit, even alone
+        return None
+
+    def _end_turn(self, proc: Process, reason: str) -> None:
+        """Interactive processes with room left wait for input with their KV; others exit."""
+        proc.finish_reason = reason
+        if proc.interactive and proc.num_tokens < self.config.max_model_len - 1 and reason != "quota":
+            proc.state, proc.stopped_from = ProcState.BLOCKED, None
+        else:
+            self._exit(proc, reason)
+
+    def _exit(self, proc: Process, reason: str) -> None:
+        self.block_manager.free(proc)
+        proc.state, proc.finish_reason, proc.stopped_from = ProcState.ZOMBIE, reason, None
+
+    # ----- controls for syscall handlers (between steps) -----
+    def finish(self, pid: int, reason: str) -> bool:
+        """End the current turn now (stop string, TERM); False if no turn is running
+        (BLOCKED or ZOMBIE: e.g. the same token already ended it), which changes nothing."""
+        proc = self.get(pid)
+        if proc.state in (ProcState.BLOCKED, ProcState.ZOMBIE):
+            return False
+        self._end_turn(proc, reason)
+        return True
+
+    def kill(self, pid: int) -> None:
+        """Exit now with reason "killed", freeing all KV. Killing a zombie does nothing."""
+        proc = self.get(pid)
+        if proc.is_alive:
+            self._exit(proc, "killed")
+
+    def stop(self, pid: int) -> None:
+        proc = self._alive(pid)
+        if proc.state is not ProcState.STOPPED:
+            running = proc.state is ProcState.RUNNING
+            proc.stopped_from = ProcState.READY if running else proc.state
+            proc.state = ProcState.STOPPED
+
+    def cont(self, pid: int) -> None:
+        proc = self._alive(pid)
+        if proc.state is ProcState.STOPPED:
+            proc.state, proc.stopped_from = proc.stopped_from, None
+
+    def set_nice(self, pid: int, nice: int) -> None:
+        if not NICE_MIN <= nice <= NICE_MAX:
+            raise ValueError(f"nice must be in [{NICE_MIN}, {NICE_MAX}], got {nice}")
+        self._alive(pid).nice = nice
+
+    def fork(self, pid: int, child: Process) -> Process:
+        """Add ``child`` (new pid, own sampling) as a copy of ``pid``'s token state sharing
+        its full KV blocks; a partial last block is copied by the next plan's ``copies``."""
+        parent = self._alive(pid)
+        if child.pid in self.procs:
+            raise ValueError(f"pid {child.pid} already exists")
+        child.ppid, child.model = parent.pid, parent.model
+        child.token_ids = list(parent.token_ids)
+        child.num_prompt_tokens, child.turn_start = parent.num_prompt_tokens, parent.turn_start
+        child.block_ids, child.host_block_ids = [], []
+        self.pending_copies += self.block_manager.fork(parent, child)
+        child.state = ProcState.BLOCKED if parent.state is ProcState.BLOCKED else ProcState.READY
+        child.finish_reason = parent.finish_reason if child.state is ProcState.BLOCKED else None
+        self._admit(child)
+        return child
+
+    def append_input(self, pid: int, token_ids: list[int]) -> None:
+        """Start a new turn of a BLOCKED interactive process; its KV is kept."""
+        proc = self._alive(pid)
+        if proc.state is not ProcState.BLOCKED:
+            raise ValueError(f"process {pid} is {proc.state.value}, not awaiting input")
+        if not token_ids:
+            raise ValueError("no input tokens")
+        if proc.num_tokens + len(token_ids) >= self.config.max_model_len:
+            raise ValueError(f"input would exceed max_model_len {self.config.max_model_len}")
+        proc.token_ids.extend(token_ids)
+        proc.tokens_in += len(token_ids)
+        proc.turn_start, proc.finish_reason = proc.num_tokens, None
+        proc.state = ProcState.SWAPPED if proc.host_block_ids else ProcState.READY
+
+    def release(self, pid: int) -> Process:
+        """Reap a zombie: remove it from the table and return its PCB."""
+        proc = self.get(pid)
+        if proc.is_alive:
+            raise ValueError(f"process {pid} is still {proc.state.value}")
+        return self.procs.pop(pid)
+
+    def set_kv_quota(self, uid: int, max_blocks: int | None) -> None:
+        if max_blocks is None:
+            self.kv_quotas.pop(uid, None)
+        elif max_blocks < 1:
+            raise ValueError("a KV quota must be >= 1 block")
+        else:
+            self.kv_quotas[uid] = max_blocks
+
+    def meminfo(self) -> dict:
+        info = self.block_manager.meminfo(self.procs.values())
+        info["procs_by_state"] = {s.value: 0 for s in ProcState}
+        for proc in self.procs.values():
+            info["procs_by_state"][proc.state.value] += 1
+        return info

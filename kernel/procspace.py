@@ -125,8 +125,7 @@ class ProcSpace:
     def turn_done(self, pid: int, reason: str) -> None:
         io, proc = self.io[pid], self.sched.get(pid)
         io.turn_done, io.finish_reason = True, reason
-        self._stream(pid, final=False)
-        final = {"text": "", "token_ids": [], "finish_reason": reason, "events": io.events}
+        final = {**io.pending_chunk(final=True), "finish_reason": reason, "events": io.events}
         for w in [w for w in io.waiters if w.kind == "read"]:
             self.k.reply(w.call, final, more=False)
         io.waiters = [w for w in io.waiters if w.kind != "read"]
@@ -165,7 +164,7 @@ class ProcSpace:
 
     def get(self, call, pid: int):
         """The caller's process ``pid``; another user's is as invisible as a missing one."""
-        proc = self.sched.get(pid) if self.sched is not None else None
+        proc = self.sched.procs.get(pid) if self.sched is not None else None
         if proc is None or pid not in self.io or (proc.uid != call.user.uid and not call.user.is_root):
             raise SyscallError("ESRCH", f"no process {pid}")
         return proc

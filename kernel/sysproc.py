@@ -76,6 +76,11 @@ def sys_spawn(k, call):
     ps, a, user = k.procs, call.args, call.user
     ps.require_model(a["model"])
     ids = ps.tokens_for(a)
+    stop = tuple(s for s in (a["stop"] or []) if isinstance(s, str) and s)
+    if len(stop) != len(a["stop"] or []):
+        raise SyscallError("EINVAL", "stop must be a list of non-empty strings")
+    sampling = _sampling(a, seed=a["seed"])
+    stop_ids = _check_ids("stop_token_ids", a["stop_token_ids"] or [], ps.driver.config.vocab_size)
     limit = ps.max_model_len
     if len(ids) >= limit:
         raise SyscallError("EINVAL", f"prompt is {len(ids)} tokens; the context window is {limit}")
@@ -86,13 +91,9 @@ def sys_spawn(k, call):
     need = math.ceil(min(limit, len(ids) + a["max_tokens"]) / ps.cfg.block_size)
     if quota is not None and not user.is_root and need > quota:
         raise SyscallError("ENOMEM", f"needs up to {need} KV blocks; user quota is {quota}")
-    stop = tuple(s for s in (a["stop"] or []) if isinstance(s, str) and s)
-    if len(stop) != len(a["stop"] or []):
-        raise SyscallError("EINVAL", "stop must be a list of non-empty strings")
     proc = Process(
         pid=ps.new_pid(), ppid=0, uid=user.uid, model=ps.driver.name, nice=a["priority"],
-        sampling=_sampling(a, seed=a["seed"]), max_tokens=a["max_tokens"],
-        stop_token_ids=_check_ids("stop_token_ids", a["stop_token_ids"] or [], ps.driver.config.vocab_size),
+        sampling=sampling, max_tokens=a["max_tokens"], stop_token_ids=stop_ids,
         ignore_eos=a["ignore_eos"], interactive=a["interactive"], token_ids=ids)
     ps.io[proc.pid] = ProcIO(decode=ps.driver.decode, stop=stop)
     ps.sched.add(proc)

@@ -1,0 +1,165 @@
+"""Process syscalls as users meet them: isolation, quotas, bad input, signals, streams, restarts."""
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import KernelProc
+from fixtures_models import prompt_of, tiny_models  # noqa: F401
+from llmos import SyscallError
+
+ARGS = ("--device", "cpu", "--dtype", "float32", "--kv-blocks", "64", "--block-size", "4")
+
+
+@pytest.fixture
+def k(start_kernel, tiny_models):
+    return start_kernel(*ARGS, "--max-procs-per-user", "3", "--kv-quota-blocks", "20", model=tiny_models["llama"])
+
+
+def errno_of(fn, *a, **kw) -> str:
+    with pytest.raises(SyscallError) as e:
+        fn(*a, **kw)
+    assert e.value.message
+    return e.value.errno
+
+
+def test_another_users_processes_are_invisible_and_untouchable(k):
+    with k.client() as root:
+        alice = k.client(root.user_add("alice")["token"])
+        bob = k.client(root.user_add("bob")["token"])
+    pid = alice.spawn(prompt_ids=prompt_of(5), max_tokens=60, ignore_eos=True, interactive=True)
+    assert [p["pid"] for p in alice.ps()] == [pid] and bob.ps() == []
+    for call, args in (("pinfo", {}), ("kill", {}), ("nice", {"value": 5}), ("wait", {}), ("fork", {}),
+                       ("read", {})):
+        assert errno_of(bob.call, call, pid=pid, **args) == "ESRCH", call
+    with k.client() as root:                      # root sees and may touch everyone's
+        assert pid in [p["pid"] for p in root.ps(all=True)]
+        assert root.pinfo(pid)["user"] == "alice"
+    alice.kill(pid, "KILL")
+    assert alice.wait(pid)["finish_reason"] == "killed"
+
+
+def test_bad_spawns_are_refused_with_clear_errors(k):
+    with k.client() as root:
+        c = k.client(root.user_add("carol")["token"])
+    assert errno_of(c.spawn, model="no-such-model", prompt="hi") == "ENOENT"
+    assert errno_of(c.spawn, prompt="hi", prompt_ids=[1, 2]) == "EINVAL"        # two inputs
+    assert errno_of(c.spawn) == "EINVAL"                                       # no input
+    assert errno_of(c.spawn, prompt_ids=[10] * 300) == "EINVAL"                # longer than the context (64*4)
+    assert errno_of(c.spawn, prompt_ids=[10], max_tokens=0) == "EINVAL"
+    assert errno_of(c.spawn, prompt_ids=[10], temperature=-1.0) == "EINVAL"
+    assert errno_of(c.spawn, prompt_ids=[10], top_p=0.0) == "EINVAL"
+    assert errno_of(c.spawn, prompt_ids=[10], priority=-21) == "EINVAL"
+    assert errno_of(c.spawn, prompt_ids=[10**9]) == "EINVAL"                   # not a token id
+    assert errno_of(c.spawn, messages=[{"role": 1}]) == "EINVAL"
+    assert errno_of(c.spawn, prompt_ids=[10], stop=[""]) == "EINVAL"
+    assert errno_of(c.spawn, prompt_ids=[10], max_tokens=200) == "ENOMEM"     # over the 20-block KV quota
+    pids = [c.spawn(prompt_ids=[10], max_tokens=50, ignore_eos=True) for _ in range(3)]
+    assert errno_of(c.spawn, prompt_ids=[10]) == "EAGAIN"                     # process quota of 3
+    for pid in pids:
+        c.wait(pid)
+    assert c.spawn(prompt_ids=[10], max_tokens=2) > 0                         # reaped: room again
+
+
+def test_signals_to_dead_and_reaped_pids_are_esrch(k):
+    with k.client() as c:
+        pid = c.spawn(prompt_ids=prompt_of(4), max_tokens=3)
+        r = c.wait(pid)
+        assert r["pid"] == pid and len(r["token_ids"]) <= 3
+        for sig in ("TERM", "KILL", "STOP", "CONT"):
+            assert errno_of(c.kill, pid, sig) == "ESRCH"
+        assert errno_of(c.wait, pid) == "ESRCH"
+        assert errno_of(c.write, 424242, text="x") == "ESRCH"
+
+
+def test_write_needs_an_interactive_process_between_turns(k):
+    with k.client() as c:
+        pid = c.spawn(prompt_ids=prompt_of(4), max_tokens=500, ignore_eos=True)
+        assert errno_of(c.write, pid, text="more") == "EBUSY"
+        c.kill(pid, "TERM")
+        assert c.wait(pid)["finish_reason"] == "terminated"
+
+
+def test_wait_with_timeout_expires_without_reaping(k):
+    with k.client() as c:
+        pid = c.spawn(prompt_ids=prompt_of(4), max_tokens=10, interactive=True, ignore_eos=True)
+        c.kill(pid, "STOP")
+        t0 = time.monotonic()
+        assert errno_of(c.wait, pid, timeout=0.3) == "ETIMEDOUT"
+        assert 0.25 < time.monotonic() - t0 < 3
+        c.kill(pid, "CONT")
+        assert c.wait(pid)["pid"] == pid
+
+
+def test_nice_changes_priority_and_ps_shows_it(k):
+    with k.client() as c:
+        pid = c.spawn(prompt_ids=prompt_of(4), max_tokens=300, ignore_eos=True)
+        assert c.nice(pid, 7) == {"pid": pid, "nice": 7}
+        row = [p for p in c.ps() if p["pid"] == pid][0]
+        assert row["nice"] == 7 and row["state"] in ("READY", "RUNNING")
+        assert {"tokens_in", "tokens_out", "kv_blocks", "kv_swapped", "age_s", "model", "user"} <= set(row)
+        c.kill(pid, "KILL")
+        c.wait(pid)
+
+
+def test_stop_strings_end_the_turn_and_are_cut(k):
+    with k.client() as c:
+        free = c.wait(c.spawn(prompt_ids=prompt_of(6), max_tokens=30, ignore_eos=True))
+        text = free["text"]
+        stop = text[10:14] if len(text) > 14 and text[10:14].strip() else text[-3:]
+        r = c.wait(c.spawn(prompt_ids=prompt_of(6), max_tokens=30, ignore_eos=True, stop=[stop]))
+        assert r["finish_reason"] == "stop"
+        assert r["text"] == text[:text.find(stop)]
+        streamed = "".join(f["text"] for f in c.read(c.spawn(prompt_ids=prompt_of(6), max_tokens=30,
+                                                                ignore_eos=True, stop=[stop])))
+        assert streamed == r["text"]              # the stream never showed the stop string
+
+
+def test_a_client_that_disconnects_mid_stream_leaves_nothing_behind(k):
+    with k.client() as c:
+        pid = c.spawn(prompt_ids=prompt_of(5), max_tokens=60, ignore_eos=True)
+    gone = k.client()
+    stream = gone.read(pid)
+    next(stream)
+    gone.close()                                  # vanish mid-stream
+    with k.client() as c:
+        r = c.wait(pid, _timeout=60)              # the process ran on and is reaped normally
+        assert len(r["token_ids"]) == 60
+        assert c.ps() == [] and c.meminfo()["blocks_used"] == 0
+
+
+def test_a_kernel_restart_during_wait_is_reported_not_hung(start_kernel, tiny_models):
+    kp = start_kernel(*ARGS, model=tiny_models["llama"])
+    c = kp.client()
+    pid = c.spawn(prompt_ids=prompt_of(5), max_tokens=10, interactive=True)
+    c.kill(pid, "STOP")                           # the wait below can only end by a restart
+    err = []
+
+    def waiter():
+        try:
+            c.wait(pid)
+        except SyscallError as e:
+            err.append(e.errno)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.5)
+    kp.stop(signal.SIGKILL)
+    KernelProc(*ARGS, model=tiny_models["llama"], state=kp.state).start()   # same socket, new boot
+    t.join(30)
+    assert not t.is_alive() and err == ["ECONNRESET"]
+
+
+def test_shutdown_cancels_pending_waits(k):
+    c = k.client()
+    pid = c.spawn(prompt_ids=prompt_of(5), max_tokens=10, interactive=True)
+    c.kill(pid, "STOP")
+    err = []
+    t = threading.Thread(target=lambda: err.append(errno_of(c.wait, pid)))
+    t.start()
+    time.sleep(0.3)
+    with k.client() as root:
+        root.shutdown()
+    t.join(30)
+    assert err == ["ECANCELED"]

@@ -38,6 +38,18 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                          "default model), qwen3-0.6b (bf16, for GPUs)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default=None, help="default: bf16 on cuda, float32 on cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch in the kernel and in HF (OMP_NUM_THREADS); "
+                         "0 = torch's default. 1 is steadier on a shared machine")
+
+
+def apply_threads(args) -> str:
+    """Give the kernel (via its environment) and this process the same torch thread count."""
+    import torch
+    if args.threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    return f"{torch.get_num_threads()} torch threads per side"
 
 
 def resolve_device(device: str) -> str:

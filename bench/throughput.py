@@ -68,6 +68,7 @@ def main() -> int:
 
     import torch
     from transformers import AutoModelForCausalLM
+    threads = bc.apply_threads(a)
     device = bc.resolve_device(a.device)
     dtype = bc.resolve_dtype(a.dtype, device)
     path = bc.model_path(a)
@@ -99,7 +100,7 @@ def main() -> int:
     l_med, h_med = bc.med(llmos), bc.med(hf)
     print(f"throughput: {a.num_procs} procs, prompts {a.prompt_lo}-{a.prompt_hi} tokens, "
           f"{a.max_tokens} output tokens each; model {os.path.basename(path)} ({dtype}, {device}); "
-          f"{os.cpu_count()} cores; median of {a.repeat}")
+          f"{os.cpu_count()} cores, {threads}; median of {a.repeat}")
     print(f"  llmos kernel flags: {' '.join(flags)}")
     print(f"  llmos               {l_med:9.1f} output tok/s   runs: {', '.join(f'{x:.1f}' for x in llmos)}")
     print(f"  HF generate (b={a.hf_batch:<3}) {h_med:9.1f} output tok/s   runs: {', '.join(f'{x:.1f}' for x in hf)}")

@@ -56,6 +56,17 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         kv_quota_blocks=a.kv_quota_blocks)
 
 
+def check_endpoint(endpoint: str) -> None:
+    """TCP is only for loopback until CURVE encryption is supported: tokens must not cross a network in clear."""
+    if endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit(f"llmos: refusing to listen on {endpoint}: bind TCP to 127.0.0.1 "
+                             f"(CURVE for other interfaces is not supported yet)")
+    elif not locate.is_ipc(endpoint):
+        raise SystemExit(f"llmos: unsupported endpoint {endpoint}; use ipc://PATH or tcp://127.0.0.1:PORT")
+
+
 def prepare_state_dir(state: Path) -> UserDB:
     """Create the state directory and the user table; at first boot make root's token."""
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -118,6 +129,7 @@ def setup_logging(state: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    check_endpoint(cfg.socket)
     users = prepare_state_dir(cfg.state_dir)
     pidfile = take_pidfile(cfg.state_dir, cfg.socket)
     setup_logging(cfg.state_dir)

@@ -72,7 +72,7 @@ class ProcIO:
 
     def result(self, pid: int, proc) -> dict:
         return {"pid": pid, "text": self.text, "token_ids": list(self.turn_ids),
-                "finish_reason": self.finish_reason,
+                "finish_reason": self.finish_reason, "events": list(self.events),
                 "usage": {"prompt_tokens": proc.tokens_in, "completion_tokens": proc.tokens_out,
                           "cached_tokens": proc.num_cached_tokens},
                 "accounting": {"preemptions": proc.num_preemptions, "swaps": proc.num_swaps,

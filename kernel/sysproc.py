@@ -46,8 +46,10 @@ def sys_meminfo(k, call):
     if ps.sched is None:
         raise SyscallError("ENOENT", "this kernel runs without a model (--model none)")
     info = dict(ps.sched.meminfo())
-    info["bytes_per_block"] = ps.driver.kv_bytes_per_block()
-    info["block_size"] = ps.cfg.block_size
+    per_block = ps.driver.kv_bytes_per_block()
+    info.update(block_size=ps.cfg.block_size, bytes_per_block=per_block,
+                bytes_total=per_block * info["blocks_total"], bytes_used=per_block * info["blocks_used"],
+                bytes_swapped=per_block * info["blocks_swapped"])
     return info
 
 

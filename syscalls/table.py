@@ -145,7 +145,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                                      doc="seconds; ETIMEDOUT when passed (process not reaped)")),
             cap="proc", blocking=True,
             doc="Wait for the process to end and reap it. An interactive process ends after its current turn.",
-            returns="{pid, text, token_ids, finish_reason, usage:{prompt_tokens, completion_tokens, cached_tokens}, "
+            returns="{pid, text, token_ids, finish_reason, events, usage:{prompt_tokens, completion_tokens, cached_tokens}, "
                     "accounting:{preemptions, swaps, recomputes}}"),
     Syscall(15, "kill", (_pid(), Arg("sig", "str", default="TERM", choices=("TERM", "KILL", "STOP", "CONT"))),
             cap="proc", doc="Send a signal: TERM/KILL end it, STOP pauses it (KV swapped first under pressure), CONT resumes.",

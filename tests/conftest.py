@@ -22,7 +22,7 @@ class KernelProc:
     def __init__(self, *args: str, model: str = "none", state: Path | None = None):
         # ipc paths are limited to 107 bytes, so keep state directories short.
         self.state = state or Path(tempfile.mkdtemp(prefix="llmos-"))
-        self.socket = locate.default_socket(self.state)
+        self.socket = args[args.index("--socket") + 1] if "--socket" in args else locate.default_socket(self.state)
         self.args = ["--state-dir", str(self.state), "--model", model, *args]
         self.proc = None
 
@@ -34,7 +34,7 @@ class KernelProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kernel exited {self.proc.returncode}:\n{self.output()}")
-            if self.token and os.path.exists(locate.ipc_path(self.socket)):
+            if self.token and (not locate.is_ipc(self.socket) or os.path.exists(locate.ipc_path(self.socket))):
                 try:
                     with self.client(timeout=1.0) as c:
                         c.nop()

@@ -84,3 +84,16 @@ def test_cli_reports_errors_without_tracebacks(state):
     assert r.returncode == 1 and "ECONNREFUSED" in r.stderr and "Traceback" not in r.stderr
     r = llmos(state, "frobnicate")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_tcp_on_loopback_works_and_other_interfaces_are_refused(start_kernel, tmp_path):
+    import socket as pysocket
+    with pysocket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    k = start_kernel("--socket", f"tcp://127.0.0.1:{port}")
+    with k.client() as c:
+        assert c.whoami()["user"] == "root"
+    r = subprocess.run([sys.executable, "-m", "llmos.kernel", "--model", "none", "--state-dir", str(tmp_path),
+                        "--socket", "tcp://0.0.0.0:5999"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "refusing" in r.stderr

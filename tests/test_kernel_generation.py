@@ -70,7 +70,19 @@ def test_output_survives_preemption(kernels, tiny_models, arch, mode):
             assert r["token_ids"] == hf_greedy(tiny_models[arch], p, 40)
         key = "swaps" if mode == "swap" else "recomputes"
         assert sum(r["accounting"][key] for r in results) >= 1, results
+        # each preemption was announced to the process (before its KV moved), with the mode
+        told = [e for r in results for e in r["events"] if e["event"] == "preempted"]
+        assert len(told) == sum(r["accounting"]["preemptions"] for r in results) and told[0]["mode"] == mode
         assert all(r["accounting"]["preemptions"] == 0 for r in results[-1:])   # the urgent one
+
+
+def test_stop_token_ids_end_the_turn(kernels, tiny_models):
+    with kernels("llama").client() as c:
+        p = prompt_of(7, offset=11)
+        want = hf_greedy(tiny_models["llama"], p, 12)
+        stop_at = next(i for i in range(3, 12) if want[i] not in want[:i])
+        r = run_all(c, [p], 12, stop_token_ids=[want[stop_at]])[0]
+        assert r["finish_reason"] == "stop" and r["token_ids"] == want[:stop_at + 1]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -38,9 +38,11 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                          "default model), qwen3-0.6b (bf16, for GPUs)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default=None, help="default: bf16 on cuda, float32 on cpu")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads for torch in the kernel and in HF (OMP_NUM_THREADS); "
-                         "0 = torch's default. 1 is steadier on a shared machine")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for torch, the same in the kernel and in HF "
+                         "(OMP_NUM_THREADS); 0 = torch's default. The default, 1, keeps timings "
+                         "steady on a small shared machine, where two OpenMP threads stall "
+                         "whenever another tenant takes a core")
 
 
 def apply_threads(args) -> str:

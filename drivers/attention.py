@@ -52,6 +52,9 @@ class AttentionContext:
     decode_block_table: torch.Tensor | None    # [Bd, max_blocks] long, padded with block 0
     decode_context_len: torch.Tensor | None    # [Bd] long
     memo: dict = field(default_factory=dict)   # per-pass masks, shared by all layers
+    # The layer being computed: its new K/V rows [T, Hkv, D] (a fresh prompt attends to them directly).
+    new_key: torch.Tensor | None = None
+    new_value: torch.Tensor | None = None
 
     @classmethod
     def build(cls, chunks: Sequence[SeqChunk], cache: PagedKVCache,
@@ -137,18 +140,25 @@ class TorchBackend(AttentionBackend):
         k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
         for i in ctx.prefill_ids:
             q0, q1, kv_len = ctx.query_start[i], ctx.query_start[i + 1], ctx.context_len[i]
-            key = k_cache[ctx.block_tables[i]].flatten(0, 1)[:kv_len]   # [L, Hkv, D]
-            value = v_cache[ctx.block_tables[i]].flatten(0, 1)[:kv_len]
+            q = query[q0:q1].unsqueeze(0)
+            if ctx.start_pos[i] == 0 and (sliding_window is None or sliding_window >= kv_len):
+                # A fresh prompt: its K/V are exactly this step's new rows; plain causal attention.
+                out[q0:q1] = self._sdpa(q, ctx.new_key[q0:q1].unsqueeze(0), ctx.new_value[q0:q1].unsqueeze(0),
+                                        None, scaling)[0]
+                continue
+            table = ctx.block_tables[i]
+            key = k_cache.index_select(0, table).flatten(0, 1)[:kv_len]     # [L, Hkv, D]
+            value = v_cache.index_select(0, table).flatten(0, 1)[:kv_len]
             memo_key = ("prefill", i, sliding_window)
             if memo_key not in ctx.memo:
                 pos = torch.arange(ctx.start_pos[i], kv_len, device=query.device)
                 ctx.memo[memo_key] = allowed_positions(pos, kv_len, sliding_window)
-            out[q0:q1] = self._sdpa(query[q0:q1].unsqueeze(0), key.unsqueeze(0),
-                                    value.unsqueeze(0), ctx.memo[memo_key], scaling)[0]
+            out[q0:q1] = self._sdpa(q, key.unsqueeze(0), value.unsqueeze(0), ctx.memo[memo_key], scaling)[0]
         if ctx.decode_rows is not None:
             table = ctx.decode_block_table                      # [Bd, max_blocks]
-            key = k_cache[table].flatten(1, 2)                  # [Bd, max_blocks*bs, Hkv, D]
-            value = v_cache[table].flatten(1, 2)
+            shape = (table.shape[0], -1, *k_cache.shape[2:])      # [Bd, max_blocks*bs, Hkv, D]
+            key = k_cache.index_select(0, table.flatten()).view(shape)
+            value = v_cache.index_select(0, table.flatten()).view(shape)
             memo_key = ("decode", sliding_window)
             if memo_key not in ctx.memo:
                 last = ctx.decode_context_len - 1                   # query position per row
@@ -162,12 +172,14 @@ class TorchBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scaling: float | None) -> torch.Tensor:
-        """q [B, n, H, D], k/v [B, L, Hkv, D], mask [n, L] or [B, n, L] -> [B, n, H, D]."""
+        """q [B, n, H, D], k/v [B, L, Hkv, D], mask [n, L] or [B, n, L] (None: causal, n == L)
+        -> [B, n, H, D]."""
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask.unsqueeze(-3), scale=scaling, enable_gqa=q.shape[2] != k.shape[2])
+            attn_mask=None if mask is None else mask.unsqueeze(-3), is_causal=mask is None,
+            scale=scaling, enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
 
 
@@ -186,7 +198,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if query.shape[0] != 1:
         raise ValueError(f"paged attention expects one packed row, got batch {query.shape[0]}")
     layer_idx = module.layer_idx
-    ctx.backend.write(ctx, layer_idx, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    ctx.new_key, ctx.new_value = key[0].transpose(0, 1), value[0].transpose(0, 1)   # [T, Hkv, D]
+    ctx.backend.write(ctx, layer_idx, ctx.new_key, ctx.new_value)
     out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window)
     return out.unsqueeze(0), None
 

@@ -59,6 +59,9 @@ class SeqChunk:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Tokens seen so far (prompt + output), only needed when repetition_penalty != 1.
     history: list[int] | None = None
+    # LoRA adapter (a name the driver has loaded with load_adapter), None for the base model.
+    # Chunks with different adapters (and none) share one forward pass.
+    adapter: str | None = None
 
     @property
     def num_tokens(self) -> int:

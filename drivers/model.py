@@ -5,6 +5,9 @@ then runs every chunk in one forward pass: all tokens packed into a single flat 
 ``input_ids [1, T]`` with per-chunk ``position_ids``, attention served from the paged KV cache
 through ``llmos.drivers.attention``. Logits are computed only for the last token of chunks
 that sample. The model code is transformers' own; nothing is rewritten.
+
+LoRA adapters (``llmos.drivers.lora``) live in host memory and, ``adapter_slots`` at a time, on
+the device; chunks with different adapters (and none) share the forward pass.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmos.drivers import attention
+from llmos.drivers import attention, lora, lora_layers
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.drivers.device import Device, detect
 from llmos.drivers.kv_cache import PagedKVCache
@@ -37,7 +40,7 @@ class ModelDriver:
 
     def __init__(self, model_path: str, device: Device | str = "auto", dtype: str | None = None,
                  block_size: int = 16, name: str | None = None,
-                 backend: attention.AttentionBackend | None = None):
+                 backend: attention.AttentionBackend | None = None, adapter_slots: int = 4):
         self.device = device if isinstance(device, Device) else detect(device)
         if dtype is None:
             torch_dtype = torch.bfloat16 if self.device.kind == "cuda" else torch.float32
@@ -72,6 +75,7 @@ class ModelDriver:
         self.eos_token_ids = self._find_eos_ids()
         self._index_attention_layers()
         self.kv: PagedKVCache | None = None
+        self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
 
     def _find_eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -108,6 +112,27 @@ class ModelDriver:
         self.kv = PagedKVCache(self.num_layers, num_blocks, num_host_blocks, self.block_size,
                                self.num_kv_heads, self.head_dim, self._torch_dtype, self.device)
 
+    # -- adapters -------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Read the peft adapter at ``path`` into host memory under ``name``.
+        -> {name, path, rank, alpha, target_modules, bytes}. FileNotFoundError / ValueError
+        for a missing or unfit adapter (nothing is changed then)."""
+        return self.lora.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (KeyError if unknown)."""
+        self.lora.unload(name)
+
+    def adapters(self) -> list[dict]:
+        """Loaded adapters: name, path, rank, alpha, target_modules, bytes, where ("device" |
+        "host"), slot (or None), last_used (wall time or None)."""
+        return self.lora.listing()
+
+    def adapter_bytes(self) -> dict:
+        """{"host": bytes of all loaded adapters, "device": bytes of the slot stacks}."""
+        return self.lora.num_bytes()
+
     # -- execution ------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -117,6 +142,8 @@ class ModelDriver:
             if plan.is_empty:
                 return StepResult(plan.step_id)
             raise RuntimeError("allocate_kv() must be called before execute()")
+        # Before any block moves: an unknown adapter or too many of them rejects the whole plan.
+        lora_batch = self.lora.prepare(plan.chunks)
         self.kv.swap_out(plan.swap_out)
         self.kv.swap_in(plan.swap_in)
         self.kv.copy(plan.copies)
@@ -131,7 +158,7 @@ class ModelDriver:
         positions = torch.tensor([p for c in plan.chunks for p in range(c.start_pos, c.end_pos)],
                                  device=dev)
         ctx = attention.AttentionContext.build(plan.chunks, self.kv, self.backend)
-        with attention.use_context(ctx):
+        with attention.use_context(ctx), lora_layers.use_batch(lora_batch):
             hidden = self._decoder(input_ids=input_ids[None], position_ids=positions[None],
                                    use_cache=False).last_hidden_state[0]
         sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.sample]
@@ -148,23 +175,22 @@ class ModelDriver:
     # -- text -----------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        return text_codec.encode(self.tokenizer, text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return text_codec.decode(self.tokenizer, ids)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of a chat ready for the assistant's reply. Uses the tokenizer's template;
-        without one, the fallback renders each message as ``"<role>: <content>\\n\\n"`` and
-        ends with ``"assistant: "`` (prefixed by BOS where the tokenizer has one)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            return [int(i) for i in ids]
-        text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
-        bos = self.tokenizer.bos_token_id
-        body = self.tokenizer.encode(text, add_special_tokens=False)
-        return ([bos] if bos is not None else []) + list(body)
+        return text_codec.apply_chat_template(self.tokenizer, messages)
+
+    def to_host(self) -> None:
+        """Evict: weights to host memory, the KV pool freed (processes must be gone)."""
+        self.kv = None
+        self.model.to("cpu")
+
+    def to_device(self) -> None:
+        """Bring host-resident weights back to this driver's device (allocate_kv follows)."""
+        self.model.to(self.device.torch_device)
 
     def __repr__(self) -> str:
         return (f"ModelDriver({self.name!r}, {self.architecture}, {self.dtype}, "

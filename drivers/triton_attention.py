@@ -12,7 +12,6 @@ Triton is imported only when a backend is made, so ``llmos.drivers`` imports wit
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -28,7 +27,9 @@ MEMO_KEY = "triton"
 def available() -> bool:
     """True when triton is installed and its kernels can run here: on a CUDA device, or on
     CPU through the interpreter."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -73,12 +74,15 @@ class TritonBackend(AttentionBackend):
 
     def write(self, ctx: AttentionContext, layer_idx: int, key: torch.Tensor,
               value: torch.Tensor) -> None:
-        """One launch stores K and V of all new tokens (``index_copy_`` would take two, plus
-        a contiguous copy of the strided [T, Hkv, D] views transformers hands us)."""
+        """One launch stores K and V of all new tokens, cast to the cache dtype, straight from
+        the strided [T, Hkv, D] views transformers hands us (``PagedKVCache.write`` takes two
+        ``index_copy_`` launches, plus casts when dtypes differ). Negative slots are skipped."""
         k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
         key, value = _unit_last(key), _unit_last(value)
         num_tokens, num_kv_heads, head_dim = key.shape
+        # Flat slots address [num_blocks * block_size] rows: blocks and rows must be dense.
         assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+        assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
         self.kernels.store_kv_kernel[(num_tokens,)](
             key, value, k_cache, v_cache, ctx.slot_mapping,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),

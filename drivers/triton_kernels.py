@@ -7,7 +7,8 @@ same kernels run on CPU tensors through Triton's interpreter, which is how the t
 Shared conventions. The cache of one layer is ``[num_blocks, block_size, Hkv, D]``; a token at
 sequence position ``p`` lives in block ``table[p // BS]``, row ``p % BS``. Keys are gathered one
 token row at a time, so a KV tile (``BLOCK_N`` tokens) may span several cache blocks and any
-power-of-two block size works. Head dims are padded to ``D_PAD`` (a power of two) with masks.
+block size works (a power of two makes ``// BS`` a shift). Head dims are padded to ``D_PAD``
+(a power of two) with masks.
 Scores are kept in the log2 domain (``qk_scale`` includes log2(e)) and accumulated in fp32.
 A sliding window ``window > 0`` lets a query at ``q`` see keys ``p`` with ``q - window < p <= q``.
 """
@@ -40,12 +41,12 @@ def store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 @triton.jit
 def _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, table_row_ptr, kv_head, tok,
-                 allowed, qk_scale, stride_cb, stride_cs, stride_ch,
+                 in_range, allowed, qk_scale, stride_cb, stride_cs, stride_ch,
                  BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with one tile of keys at positions ``tok``
-    [BLOCK_N]; ``allowed`` [M, BLOCK_N] masks scores; ``qk_scale`` takes them to the log2 domain."""
+    [BLOCK_N]. Only keys ``in_range`` [BLOCK_N] are read (they lie inside the sequence's block
+    table); ``allowed`` [M, BLOCK_N] masks scores; ``qk_scale`` takes them to the log2 domain."""
     d = tl.arange(0, D_PAD)
-    in_range = tl.max(allowed.to(tl.int32), axis=0) > 0            # any row may read it
     block = tl.load(table_row_ptr + tok // BS, mask=in_range, other=0).to(tl.int64)
     offs = (block * stride_cb + (tok % BS) * stride_cs + kv_head * stride_ch)[:, None] + d[None, :]
     kv_mask = in_range[:, None] & (d[None, :] < D)
@@ -97,9 +98,10 @@ def paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_len_ptr,
     table_row_ptr = table_ptr + b.to(tl.int64) * stride_tb
     for n in range(start, end, BLOCK_N):
         tok = n + tl.arange(0, BLOCK_N)
-        allowed = g_mask[:, None] & (tok[None, :] < end)
+        in_range = tok < end
+        allowed = g_mask[:, None] & in_range[None, :]
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, table_row_ptr,
-                                     kv_head, tok, allowed, qk_scale,
+                                     kv_head, tok, in_range, allowed, qk_scale,
                                      stride_cb, stride_cs, stride_ch, BS, D, D_PAD)
     empty = l_i == 0.0                                               # split past the context
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -168,7 +170,7 @@ def paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr,
         allowed = (m_mask[:, None] & (tok[None, :] <= q_pos[:, None])
                    & ((window <= 0) | (tok[None, :] > q_pos[:, None] - window)))
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, k_cache_ptr, v_cache_ptr, table_row_ptr,
-                                     kv_head, tok, allowed, qk_scale,
+                                     kv_head, tok, tok < hi, allowed, qk_scale,
                                      stride_cb, stride_cs, stride_ch, BS, D, D_PAD)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + head * stride_oh + d[None, :],

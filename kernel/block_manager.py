@@ -7,7 +7,7 @@ pending fork copy that reads or writes it. A block with ``ref_count == 0`` sits 
 block is reused for something else.
 
 Prefix hashes are chained per full block: ``h_i = hash((h_{i-1}, tuple(tokens of block i)))``
-with ``h_{-1}`` derived from the model name (KV of different models never matches). A hash
+with ``h_{-1}`` derived from the model and adapter names (their KV never matches). A hash
 is only registered once the block is full *and* its KV is computed.
 """
 from __future__ import annotations
@@ -37,8 +37,10 @@ def chain_hash(prev: int, token_ids: Iterable[int]) -> int:
     return hash((prev, tuple(token_ids)))
 
 
-def seed_hash(model: str) -> int:
-    return hash(("llmos-kv", model))
+def seed_hash(model: str, adapter: str | None = None) -> int:
+    """The chain's start: KV of another model, or of the same model under another LoRA adapter,
+    never matches."""
+    return hash(("llmos-kv", model, adapter))
 
 
 class BlockManager:
@@ -157,7 +159,7 @@ class BlockManager:
         blocks; returns the tokens skipped (now ``num_computed_tokens``). The block holding
         the last token is never taken from the cache: its logits must be computed."""
         assert not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0
-        bs, h, matched = self.block_size, seed_hash(proc.model), []
+        bs, h, matched = self.block_size, seed_hash(proc.model, proc.adapter), []
         for i in range((proc.num_tokens - 1) // bs):
             tokens = tuple(proc.token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(h, tokens)
@@ -177,7 +179,7 @@ class BlockManager:
         first = num_full
         while first > 0 and self.blocks[proc.block_ids[first - 1]].hash == NO_HASH:
             first -= 1
-        h = self.blocks[proc.block_ids[first - 1]].hash if first else seed_hash(proc.model)
+        h = self.blocks[proc.block_ids[first - 1]].hash if first else seed_hash(proc.model, proc.adapter)
         for i in range(first, num_full):
             block = self.blocks[proc.block_ids[i]]
             block.token_ids = tuple(proc.token_ids[i * bs:(i + 1) * bs])

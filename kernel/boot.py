@@ -31,11 +31,14 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--model", default="default",
                    help="model path or hub id; 'default' = built-in tiny random model; 'none' = no model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="paged attention kernels: torch reference, Triton, or auto (Triton on CUDA)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kv-blocks", type=int, default=None, help="device KV blocks (default: a fraction of free memory)")
     p.add_argument("--kv-fraction", type=float, default=0.5, help="fraction of free device memory for KV")
     p.add_argument("--host-kv-blocks", type=int, default=None, help="host swap blocks (default: = device blocks)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--adapter-slots", type=int, default=4, help="LoRA adapters on the device at once, per model")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=512)
     p.add_argument("--preempt-mode", choices=("auto", "swap", "recompute"), default="auto")
@@ -43,17 +46,32 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--rate-limit", type=float, default=0.0, help="calls per second per user (0 = unlimited)")
     p.add_argument("--max-procs-per-user", type=int, default=1024)
     p.add_argument("--kv-quota-blocks", type=int, default=None, help="KV blocks per non-root user")
+    p.add_argument("--device-budget", type=int, default=None,
+                   help="device bytes for weights + KV + adapters (default 90%% of free memory)")
+    p.add_argument("--host-budget", type=int, default=None,
+                   help="host bytes for offloaded weights (default 50%% of available RAM)")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME=PATH",
+                   help="a model name users can spawn by (repeatable)")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
     return KernelConfig(
         state_dir=state, socket=a.socket or locate.default_socket(state),
         model=None if a.model.lower() == "none" else a.model, device=a.device, dtype=a.dtype,
+        attention_backend=a.attention_backend,
         kv_blocks=a.kv_blocks, kv_fraction=a.kv_fraction, host_kv_blocks=a.host_kv_blocks,
-        block_size=a.block_size, max_num_seqs=a.max_num_seqs,
+        block_size=a.block_size, adapter_slots=a.adapter_slots, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_batched_tokens, preempt_mode=a.preempt_mode,
         max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
-        kv_quota_blocks=a.kv_quota_blocks)
+        kv_quota_blocks=a.kv_quota_blocks, device_budget=a.device_budget, host_budget=a.host_budget,
+        aliases=dict(_alias(x) for x in a.alias))
+
+
+def _alias(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"llmos: --alias wants NAME=PATH, got {text!r}")
+    return name, path
 
 
 def check_endpoint(endpoint: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmos.kernel import sysinfo, sysproc
+from llmos.kernel import sysinfo, sysmodel, sysproc
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import BY_NAME, SYSCALLS
 
@@ -32,6 +32,10 @@ _BY_NAME: dict[str, Callable] = {
     "nice": sysproc.sys_nice,
     "fork": sysproc.sys_fork,
     "pinfo": sysproc.sys_pinfo,
+    "model_load": sysmodel.sys_model_load,
+    "model_unload": sysmodel.sys_model_unload,
+    "models": sysmodel.sys_models,
+    "free": sysmodel.sys_free,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}

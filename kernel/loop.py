@@ -41,11 +41,13 @@ class KernelConfig:
     socket: str
     model: str | None = "default"          # a path or hub id, "default" (built-in), or None
     device: str = "auto"
+    attention_backend: str = "auto"        # "torch" (reference), "triton", or auto: triton on CUDA
     dtype: str | None = None
     kv_blocks: int | None = None           # device KV blocks; default: kv_fraction of free memory
     kv_fraction: float = 0.5
     host_kv_blocks: int | None = None      # swap space; default: as many as the device pool
     block_size: int = 16
+    adapter_slots: int = 4                 # LoRA adapters on the device at once, per model
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     preempt_mode: str = "auto"
@@ -54,6 +56,10 @@ class KernelConfig:
     max_procs_per_user: int = 1024
     kv_quota_blocks: int | None = None     # per non-root user
     max_drain: int = 256                   # syscalls handled per loop turn, so steps keep going
+    device_budget: int | None = None       # bytes for weights + KV + adapters; default 90% of free
+    host_budget: int | None = None         # bytes of offloaded weights; default 50% of available RAM
+    reserve_fraction: float = 0.05         # of the device budget, never allocated
+    aliases: dict = field(default_factory=dict)   # model alias -> path or hub id
 
 
 @dataclass
@@ -79,14 +85,14 @@ class Stats:
 
 
 class Kernel:
-    def __init__(self, cfg: KernelConfig, users: UserDB, models=None):
+    def __init__(self, cfg: KernelConfig, users: UserDB):
         self.cfg = cfg
         self.users = users
         self.boot_id = secrets.token_hex(8)
         self.stats = Stats()
         self.rate = RateLimiter(cfg.rate_limit)
         self.running = True
-        self.procs = ProcSpace(self, models)   # process table, scheduler and driver
+        self.procs = ProcSpace(self)           # models (engines), processes, page faults
         self.io = IOThread(cfg.socket, cfg.max_frame)
         self.chan = self.io.kernel_end
         self.poller = zmq.Poller()
@@ -100,13 +106,20 @@ class Kernel:
         try:
             while self.running:
                 self.drain_syscalls(idle=not self.procs.has_work())
-                plan = self.procs.schedule()
-                if plan is None or plan.is_empty:
-                    continue
-                self.procs.notify_preempted(plan)
-                result = self.procs.driver.execute(plan)
-                events = self.procs.update(plan, result)
-                self.procs.deliver(events)
+                self.procs.admit_loaded()                    # page faults served by the loader
+                for engine in self.procs.engines():          # one step per model with work
+                    plan = engine.sched.schedule()
+                    engine.idle = plan.is_empty
+                    if plan.is_empty:
+                        continue
+                    self.procs.notify_preempted(plan)
+                    try:
+                        result = engine.driver.execute(plan)
+                    except Exception as exc:                 # e.g. out of device memory
+                        self.procs.fail_plan(engine, plan, exc)
+                        continue
+                    events = self.procs.update(engine, plan, result)
+                    self.procs.deliver(engine, events)
         finally:
             self.procs.shutdown()
             self.io.stop()

@@ -44,6 +44,7 @@ class Process:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     interactive: bool = False
+    adapter: str | None = None                  # LoRA adapter name, None for the base model
 
     # --- owned by the scheduler ---
     token_ids: list[int] = field(default_factory=list)   # prompt + every output so far

@@ -1,8 +1,9 @@
 """The process space: everything the kernel holds about processes.
 
-``ProcSpace`` owns the model driver, the scheduler (which holds the process table) and each
-process's I/O state; the kernel loop calls ``schedule``/``update``/``deliver`` on it, and the
-handlers in ``sysproc`` use its lookups.
+``ProcSpace`` owns the device, the model manager (each resident model is an engine with its
+own driver, KV pool and scheduler), the processes waiting for their model to load (page
+faults), and each process's I/O state. The kernel loop steps every engine with work; the
+handlers in ``sysproc`` and ``sysmodel`` use the lookups here.
 """
 from __future__ import annotations
 
@@ -11,77 +12,140 @@ import math
 import secrets
 import time
 
-from llmos.drivers.batch import SamplingParams, StepPlan, StepResult
+from llmos.drivers import text
+from llmos.drivers.batch import StepPlan, StepResult
+from llmos.kernel import sysmodel
+from llmos.kernel.models import Engine, ModelEntry, ModelManager
 from llmos.kernel.procio import ProcIO, Waiter
 from llmos.syscalls.errors import SyscallError
 
 log = logging.getLogger("llmos.kernel")
-_SIG_REASON = {"TERM": "terminated", "KILL": "killed"}
+DEFAULT_NAME = "llmos-tiny-random"
 
 
 class ProcSpace:
-    def __init__(self, kernel, models=None):
+    def __init__(self, kernel):
         self.k = kernel
         self.cfg = kernel.cfg
-        self.device = self.driver = self.sched = None
+        self.device = None
+        self.models: ModelManager | None = None
+        self.default: ModelEntry | None = None
         self.io: dict[int, ProcIO] = {}
+        self.model_of: dict[int, ModelEntry] = {}        # pid -> its model
+        self.faulted: dict[int, object] = {}             # pid -> Process waiting for its model
+        self.load_waiters: dict[str, list] = {}          # model name -> model_load calls
         self.next_pid = 1
-        self.idle = True
         if self.cfg.model is not None:
-            self._boot_model()
+            self._boot()
 
-    def _boot_model(self) -> None:
+    def _boot(self) -> None:
         from llmos.drivers.default_model import ensure_default_model
         from llmos.drivers.device import detect
-        from llmos.drivers.model import ModelDriver
-        from llmos.kernel.scheduler import Scheduler, SchedulerConfig
         cfg = self.cfg
         self.device = detect(cfg.device)
-        self.random_weights = cfg.model == "default"
-        path = ensure_default_model(cfg.state_dir) if self.random_weights else cfg.model
-        self.driver = ModelDriver(path, self.device, cfg.dtype, cfg.block_size)
-        per_block = self.driver.kv_bytes_per_block()
+        self.models = ModelManager(cfg, self.device, self._make_engine)
+        builtin = cfg.model == "default"
+        name = DEFAULT_NAME if builtin else cfg.model
+        path = ensure_default_model(cfg.state_dir) if builtin else cfg.model
+        entry = self.models.entries.setdefault(name, ModelEntry(name, path, random_weights=builtin))
+        self.default = self.models.resolve(name)
+        self.models.check_fits(entry)
+        entry.loading, entry.pinned = True, True         # the boot model stays
+        self.models._load(entry)                         # synchronously: the kernel starts with it
+        (done,) = self.models.poll_loads()
+        if done.error is not None:
+            raise SystemExit(f"llmos: {done.error.message}")
+
+    def _make_engine(self, entry: ModelEntry, driver, free_bytes: int) -> Engine:
+        from llmos.kernel.scheduler import Scheduler, SchedulerConfig
+        cfg = self.cfg
+        per_block = driver.kv_bytes_per_block()
         # Never more than every sequence at full context could use; on CPU that cap decides.
-        cap = cfg.max_num_seqs * math.ceil(self.driver.max_model_len / cfg.block_size)
-        num_blocks = cfg.kv_blocks or max(16, min(cap, int(self.device.free_bytes() * cfg.kv_fraction) // per_block))
+        cap = cfg.max_num_seqs * math.ceil(driver.max_model_len / cfg.block_size)
+        num_blocks = cfg.kv_blocks or max(16, min(cap, int(free_bytes * cfg.kv_fraction) // per_block))
         num_host = cfg.host_kv_blocks if cfg.host_kv_blocks is not None else num_blocks
         # A lone process must always fit in the pool, so the context window is at most the pool.
-        self.max_model_len = min(self.driver.max_model_len, num_blocks * cfg.block_size)
-        self.driver.allocate_kv(num_blocks, num_host)
-        self.sched = Scheduler(SchedulerConfig(
+        max_len = min(driver.max_model_len, num_blocks * cfg.block_size)
+        driver.allocate_kv(num_blocks, num_host)
+        sched = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, num_host_blocks=num_host, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=self.max_model_len, preempt_mode=cfg.preempt_mode,
-            eos_token_ids=frozenset(self.driver.eos_token_ids)))
-        log.info("model %s on %s: %d KV blocks (%d bytes each), %d host blocks",
-                 self.driver.name, self.device.name, num_blocks, per_block, num_host)
+            max_model_len=max_len, preempt_mode=cfg.preempt_mode,
+            eos_token_ids=frozenset(driver.eos_token_ids), max_adapters_per_step=cfg.adapter_slots))
+        log.info("model %s on %s: %d KV blocks (%d bytes each), %d host blocks, attention backend %s",
+                 entry.name, self.device.name, num_blocks, per_block, num_host, driver.backend.name)
+        return Engine(entry.name, driver, sched, max_len, num_blocks * per_block)
 
     # -- the loop's calls ---------------------------------------------------------------------
-    def schedule(self) -> StepPlan | None:
-        if self.sched is None:
-            return None
-        plan = self.sched.schedule()
-        self.idle = plan.is_empty
-        return plan
+    def engines(self) -> list[Engine]:
+        return self.models.engines() if self.models is not None else []
+
+    def admit_loaded(self) -> None:
+        """Processes whose model finished loading start running; failed loads end them."""
+        if self.models is None or not (self.faulted or self.load_waiters or any(
+                e.loading for e in self.models.entries.values())):
+            return
+        for done in self.models.poll_loads():
+            entry = done.entry
+            for call in self.load_waiters.pop(entry.name, []):
+                if done.error:
+                    self.k.send_error(call.identity, call.rid, done.error)
+                else:
+                    self.k.reply(call, sysmodel.models_row(self, entry))
+            for pid, proc in list(self.faulted.items()):
+                if self.model_of[pid] is not entry or not proc.is_alive:
+                    continue
+                if done.error or len(proc.token_ids) >= entry.engine.max_model_len:
+                    msg = done.error.message if done.error else "prompt longer than the model's KV pool"
+                    self.fail(pid, msg)             # a ZOMBIE in ``faulted`` until reaped
+                else:
+                    try:
+                        if proc.adapter is not None:
+                            self.ensure_adapter(entry.engine, proc.adapter)
+                    except SyscallError as err:
+                        self.fail(pid, err.message)
+                        continue
+                    del self.faulted[pid]
+                    entry.engine.sched.add(proc)
+                    entry.engine.idle = False
+
+    def fail(self, pid: int, message: str) -> None:
+        """End a process because of an error that is not its fault; it keeps its output so far."""
+        proc = self.proc(pid)
+        if pid in self.faulted:
+            proc.state = proc.state.__class__.ZOMBIE
+        elif proc.is_alive:
+            self.sched_of(pid).kill(pid)
+        self._event(pid, {"event": "error", "message": message})
+        self.turn_done(pid, "error")
+
+    def fail_plan(self, engine: Engine, plan: StepPlan, exc: Exception) -> None:
+        """A step raised: end the processes it carried, keep the kernel and everyone else going."""
+        log.error("step on %s failed: %s", engine.name, exc, exc_info=True)
+        # Its chunks, and what it was moving: that KV may not have moved, so it cannot be trusted.
+        for pid in [c.pid for c in plan.chunks] + [pid for pid, _ in plan.preempted]:
+            if pid in self.io and self.proc(pid) is not None and not self.io[pid].turn_done:
+                self.fail(pid, f"the model step failed: {type(exc).__name__}: {exc}"[:300])
 
     def notify_preempted(self, plan: StepPlan) -> None:
         """Tell each process losing its device KV, before the driver moves it."""
         for pid, mode in plan.preempted:
             self._event(pid, {"event": "preempted", "mode": mode})
 
-    def update(self, plan: StepPlan, result: StepResult) -> list:
+    def update(self, engine: Engine, plan: StepPlan, result: StepResult) -> list:
         self.k.stats.steps += 1
         self.k.stats.tokens_generated += len(result.sampled)
-        return self.sched.update(plan, result)
+        self.models.entries[engine.name].last_used = time.monotonic()
+        return engine.sched.update(plan, result)
 
-    def deliver(self, events) -> None:
+    def deliver(self, engine: Engine, events) -> None:
         for ev in events:
             io = self.io.get(ev.pid)
             if io is None:
                 continue
             if ev.kind == "token" and not io.turn_done:
                 if io.append(ev.token_id):
-                    self.sched.finish(ev.pid, "stop")
+                    engine.sched.finish(ev.pid, "stop")
                     self.turn_done(ev.pid, "stop")
                 else:
                     self._stream(ev.pid, final=False)
@@ -91,9 +155,11 @@ class ProcSpace:
                 io.events.append({"event": "resumed"})
 
     def has_work(self) -> bool:
-        return not self.idle
+        return any(not e.idle for e in self.engines())
 
     def idle_timeout_ms(self) -> int:
+        if self.models is not None and any(e.loading for e in self.models.entries.values()):
+            return 5                        # a page fault is being served: look for it soon
         deadlines = [w.deadline for io in self.io.values() for w in io.waiters if w.deadline]
         if not deadlines:
             return 100
@@ -123,14 +189,14 @@ class ProcSpace:
                 self.k.reply(w.call, chunk, more=True)
 
     def turn_done(self, pid: int, reason: str) -> None:
-        io, proc = self.io[pid], self.sched.get(pid)
+        io, proc = self.io[pid], self.proc(pid)
         io.turn_done, io.finish_reason = True, reason
         final = {**io.pending_chunk(final=True), "finish_reason": reason, "events": io.events}
         for w in [w for w in io.waiters if w.kind == "read"]:
             self.k.reply(w.call, final, more=False)
         io.waiters = [w for w in io.waiters if w.kind != "read"]
         if proc.interactive and io.close_after_turn and proc.is_alive:
-            self.sched.kill(pid)
+            self.sched_of(pid).kill(pid)
         if not proc.is_alive:
             waits = [w for w in io.waiters if w.kind == "wait"]
             if waits:
@@ -138,12 +204,16 @@ class ProcSpace:
 
     def reap(self, pid: int, answered: Waiter | None = None) -> dict:
         """Remove a ZOMBIE for good and return its result; other waiters learn it is gone."""
-        io, proc = self.io.pop(pid), self.sched.get(pid)
+        io, proc = self.io.pop(pid), self.proc(pid)
         result = io.result(pid, proc)
         for w in io.waiters:
             if w is not answered:
                 self.k.send_error(w.call.identity, w.call.rid, SyscallError("ESRCH", f"process {pid} reaped"))
-        self.sched.release(pid)
+        entry = self.model_of.pop(pid)
+        if self.faulted.pop(pid, None) is None:
+            entry.engine.sched.release(pid)
+        # A model that was waiting for room may fit now that this one's process is gone.
+        self.models.retry_waiting({self.model_of[p] for p, proc in self.faulted.items() if proc.is_alive})
         return result
 
     def _event(self, pid: int, event: dict) -> None:
@@ -155,67 +225,109 @@ class ProcSpace:
             if w.kind == "read":
                 self.k.reply(w.call, {"text": "", "token_ids": [], **event}, more=True)
 
-    # -- lookups for handlers -----------------------------------------------------------------
-    def require_model(self, name: str | None) -> None:
-        if self.driver is None:
-            raise SyscallError("ENOENT", "this kernel runs without a model (--model none)")
-        if name not in (None, "default", self.driver.name):
-            raise SyscallError("ENOENT", f"unknown model {name!r}; loaded: {self.driver.name!r}")
+    # -- processes ----------------------------------------------------------------------------
+    def start(self, proc, entry: ModelEntry, stop: tuple[str, ...] = ()) -> None:
+        """Queue a new process: on its model's scheduler, or BLOCKED on a page fault."""
+        self.model_of[proc.pid] = entry
+        self.io[proc.pid] = ProcIO(decode=lambda ids, tok=entry.tokenizer: text.decode(tok, ids), stop=stop)
+        if self.models.fault(entry):
+            if proc.adapter is not None:
+                try:
+                    self.ensure_adapter(entry.engine, proc.adapter)
+                except SyscallError:
+                    del self.model_of[proc.pid], self.io[proc.pid]
+                    raise
+            entry.engine.sched.add(proc)
+            entry.engine.idle = False
+        else:
+            proc.state = proc.state.__class__.BLOCKED
+            self.faulted[proc.pid] = proc
+
+    @staticmethod
+    def ensure_adapter(engine: Engine, adapter: str) -> None:
+        """Make a LoRA adapter known to this model's driver: by name if loaded, else from its
+        directory (validated against the model: missing -> ENOENT, mismatched or corrupt -> EINVAL)."""
+        if any(a["name"] == adapter for a in engine.driver.adapters()):
+            return
+        try:
+            engine.driver.load_adapter(adapter, adapter)
+        except FileNotFoundError as exc:
+            raise SyscallError("ENOENT", f"adapter {adapter!r}: {exc}"[:300])
+        except (ValueError, KeyError, OSError) as exc:
+            raise SyscallError("EINVAL", f"adapter {adapter!r} does not fit model {engine.name!r}: {exc}"[:400])
+
+    def proc(self, pid: int):
+        if pid in self.faulted:
+            return self.faulted[pid]
+        entry = self.model_of.get(pid)
+        return entry.engine.sched.procs.get(pid) if entry is not None and entry.engine else None
+
+    def sched_of(self, pid: int):
+        if pid in self.faulted:
+            raise SyscallError("EBUSY", f"process {pid} is waiting for model {self.model_of[pid].name!r} to load")
+        return self.model_of[pid].engine.sched
 
     def get(self, call, pid: int):
         """The caller's process ``pid``; another user's is as invisible as a missing one."""
-        proc = self.sched.procs.get(pid) if self.sched is not None else None
+        proc = self.proc(pid)
         if proc is None or pid not in self.io or (proc.uid != call.user.uid and not call.user.is_root):
             raise SyscallError("ESRCH", f"no process {pid}")
         return proc
 
+    def all_procs(self) -> list:
+        procs = [p for e in self.engines() for p in e.sched.procs.values()] + list(self.faulted.values())
+        return sorted((p for p in procs if p.pid in self.io), key=lambda p: p.pid)
+
     def visible(self, call, everyone: bool = False) -> list:
-        if self.sched is None:
-            return []
-        return [p for pid, p in sorted(self.sched.procs.items()) if pid in self.io
-                and (p.uid == call.user.uid or (call.user.is_root and everyone))]
+        return [p for p in self.all_procs() if p.uid == call.user.uid or (call.user.is_root and everyone)]
 
     def count_by_state(self) -> dict:
-        if self.sched is None:
-            return {}
         counts: dict[str, int] = {}
-        for p in self.sched.procs.values():
+        for p in self.all_procs():
             counts[p.state.name] = counts.get(p.state.name, 0) + 1
         return counts
-
-    def device_name(self) -> str:
-        return self.device.name if self.device is not None else "none"
-
-    def model_list(self) -> list[dict]:
-        if self.driver is None:
-            return []
-        return [{"name": self.driver.name, "architecture": self.driver.architecture,
-                 "params": self.driver.num_params, "dtype": self.driver.dtype,
-                 "random_weights": self.random_weights}]
-
-    def devinfo(self) -> dict | None:
-        return self.device.info() if self.device is not None else None
 
     def new_pid(self) -> int:
         pid, self.next_pid = self.next_pid, self.next_pid + 1
         return pid
 
-    def tokens_for(self, args: dict, prompt_key: str = "prompt", ids_key: str = "prompt_ids") -> list[int]:
+    # -- models -------------------------------------------------------------------------------
+    def entry(self, name: str | None) -> ModelEntry:
+        if self.models is None:
+            raise SyscallError("ENOENT", "this kernel runs without models (--model none)")
+        if name in (None, "default"):
+            return self.default
+        return self.models.resolve(name)
+
+    def context_len(self, entry: ModelEntry) -> int:
+        if entry.engine is not None:
+            return entry.engine.max_model_len
+        t = entry.config.get_text_config()
+        return int(getattr(t, "max_position_embeddings", None) or getattr(t, "n_positions", None) or 2048)
+
+    def device_name(self) -> str:
+        return self.device.name if self.device is not None else "none"
+
+    def devinfo(self) -> dict | None:
+        return self.device.info() if self.device is not None else None
+
+    def tokens_for(self, entry: ModelEntry, args: dict, prompt_key: str = "prompt",
+                   ids_key: str = "prompt_ids") -> list[int]:
         given = [k for k in (prompt_key, "messages", ids_key) if args.get(k) is not None]
         if len(given) != 1:
             raise SyscallError("EINVAL", f"give exactly one of {prompt_key}, messages, {ids_key}")
-        d = self.driver
+        tok = entry.tokenizer
         if given[0] == prompt_key:
-            ids = d.encode(args[prompt_key])
+            ids = text.encode(tok, args[prompt_key])
         elif given[0] == "messages":
             msgs = args["messages"]
             if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                        and isinstance(m.get("content"), str) for m in msgs):
                 raise SyscallError("EINVAL", "messages must be [{role: str, content: str}, ...]")
-            ids = d.apply_chat_template(msgs)
+            ids = text.apply_chat_template(tok, msgs)
         else:
             ids = args[ids_key]
-            vocab = d.config.vocab_size
+            vocab = entry.config.get_text_config().vocab_size
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
                 raise SyscallError("EINVAL", f"{ids_key} must be token ids in [0, {vocab})")
         if not ids:

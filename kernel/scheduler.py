@@ -42,6 +42,7 @@ class SchedulerConfig:
     preempt_mode: str = "auto"
     recompute_max_tokens: int = 64
     eos_token_ids: frozenset[int] = frozenset()
+    max_adapters_per_step: int = 0      # distinct LoRA adapters one forward pass can hold (0: no limit)
 
     def __post_init__(self):
         positive = ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "aging_steps")
@@ -69,6 +70,7 @@ class _Step:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[tuple[int, str]] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
+    adapters: set[str] = field(default_factory=set)
 
     @property
     def busy_pids(self) -> set[int]:
@@ -130,8 +132,9 @@ class Scheduler:
         for proc in sorted((p for p in self.procs.values() if p.is_runnable), key=self.order_key):
             if len(step.chunks) >= self.config.max_num_seqs or step.budget == 0:
                 break
-            if proc.pid not in step.busy_pids:
-                self._schedule_one(proc, step)
+            if proc.pid not in step.busy_pids and self._adapter_fits(proc, step):
+                if self._schedule_one(proc, step) and proc.adapter is not None:
+                    step.adapters.add(proc.adapter)
         self._age_and_mark(step)
         copies, self.pending_copies = self.pending_copies, []
         self.block_manager.end_step()
@@ -139,6 +142,13 @@ class Scheduler:
             self._resumed[self.step_id] = step.resumed
         return StepPlan(step_id=self.step_id, chunks=step.chunks, swap_out=step.swap_out,
                         swap_in=step.swap_in, copies=copies, preempted=step.preempted)
+
+    def _adapter_fits(self, proc: Process, step: _Step) -> bool:
+        """A pass holds at most ``max_adapters_per_step`` distinct adapters (the device slots);
+        a process whose adapter would be one too many waits for a later step (aging lifts it)."""
+        cap = self.config.max_adapters_per_step
+        return (proc.adapter is None or cap == 0 or proc.adapter in step.adapters
+                or len(step.adapters) < cap)
 
     def _schedule_one(self, proc: Process, step: _Step) -> bool:
         bm = self.block_manager
@@ -162,7 +172,7 @@ class Scheduler:
         history = list(proc.token_ids[:end]) if proc.sampling.repetition_penalty != 1.0 else None
         step.chunks.append(SeqChunk(pid=proc.pid, token_ids=proc.token_ids[start:end], start_pos=start,
                                     block_ids=list(proc.block_ids), sample=end == proc.num_tokens,
-                                    sampling=proc.sampling, history=history))
+                                    sampling=proc.sampling, history=history, adapter=proc.adapter))
         step.budget -= num_new
         return True
 
@@ -289,7 +299,7 @@ class Scheduler:
         parent = self._alive(pid)
         if child.pid in self.procs:
             raise ValueError(f"pid {child.pid} already exists")
-        child.ppid, child.model = parent.pid, parent.model
+        child.ppid, child.model, child.adapter = parent.pid, parent.model, parent.adapter
         child.token_ids = list(parent.token_ids)
         child.num_prompt_tokens, child.turn_start = parent.num_prompt_tokens, parent.turn_start
         child.block_ids, child.host_block_ids = [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import llmos
+from llmos.kernel import sysmodel
 from llmos.syscalls.abi import ABI_VERSION
 from llmos.syscalls.errors import SyscallError
 
@@ -14,7 +15,7 @@ def sys_nop(k, call):
 
 def sys_uname(k, call):
     return {"sysname": "llmos", "version": llmos.__version__, "abi": ABI_VERSION,
-            "boot_id": k.boot_id, "device": k.procs.device_name(), "models": k.procs.model_list()}
+            "boot_id": k.boot_id, "device": k.procs.device_name(), "models": sysmodel.model_list(k.procs)}
 
 
 def sys_whoami(k, call):

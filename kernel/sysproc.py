@@ -34,7 +34,7 @@ def sys_pinfo(k, call):
     return {**_ps_row(k, p),
             "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                          "repetition_penalty": s.repetition_penalty, "seed": s.seed},
-            "max_tokens": p.max_tokens, "interactive": p.interactive, "finish_reason": io.finish_reason,
+            "max_tokens": p.max_tokens, "interactive": p.interactive, "adapter": p.adapter, "finish_reason": io.finish_reason,
             "num_tokens": len(p.token_ids), "num_computed_tokens": p.num_computed_tokens,
             "cached_tokens": p.num_cached_tokens, "preemptions": p.num_preemptions,
             "swaps": p.num_swaps, "recomputes": p.num_recomputes, "events": io.events,
@@ -42,15 +42,19 @@ def sys_pinfo(k, call):
 
 
 def sys_meminfo(k, call):
+    """The default model's KV pool at the top level; every resident model's under ``pools``."""
     ps = k.procs
-    if ps.sched is None:
-        raise SyscallError("ENOENT", "this kernel runs without a model (--model none)")
-    info = dict(ps.sched.meminfo())
-    per_block = ps.driver.kv_bytes_per_block()
-    info.update(block_size=ps.cfg.block_size, bytes_per_block=per_block,
-                bytes_total=per_block * info["blocks_total"], bytes_used=per_block * info["blocks_used"],
-                bytes_swapped=per_block * info["blocks_swapped"])
-    return info
+    if ps.models is None:
+        raise SyscallError("ENOENT", "this kernel runs without models (--model none)")
+    pools = {}
+    for e in ps.engines():
+        info = dict(e.sched.meminfo())
+        per_block = e.driver.kv_bytes_per_block()
+        info.update(block_size=ps.cfg.block_size, bytes_per_block=per_block,
+                    bytes_total=per_block * info["blocks_total"], bytes_used=per_block * info["blocks_used"],
+                    bytes_swapped=per_block * info["blocks_swapped"])
+        pools[e.name] = info
+    return {**pools.get(ps.default.name, {}), "pools": pools}
 
 
 def _sampling(args: dict, base: SamplingParams | None = None, seed: int | None = None) -> SamplingParams:
@@ -76,17 +80,17 @@ def _check_ids(name: str, ids: list, vocab: int) -> frozenset:
 def sys_spawn(k, call):
     from llmos.kernel.proc import Process
     ps, a, user = k.procs, call.args, call.user
-    ps.require_model(a["model"])
-    ids = ps.tokens_for(a)
+    entry = ps.entry(a["model"])
+    ids = ps.tokens_for(entry, a)
     stop = tuple(s for s in (a["stop"] or []) if isinstance(s, str) and s)
     if len(stop) != len(a["stop"] or []):
         raise SyscallError("EINVAL", "stop must be a list of non-empty strings")
     sampling = _sampling(a, seed=a["seed"])
-    stop_ids = _check_ids("stop_token_ids", a["stop_token_ids"] or [], ps.driver.config.vocab_size)
-    limit = ps.max_model_len
+    stop_ids = _check_ids("stop_token_ids", a["stop_token_ids"] or [], entry.config.get_text_config().vocab_size)
+    limit = ps.context_len(entry)
     if len(ids) >= limit:
         raise SyscallError("EINVAL", f"prompt is {len(ids)} tokens; the context window is {limit}")
-    live = sum(1 for p in ps.sched.procs.values() if p.uid == user.uid and p.state.name in _LIVE)
+    live = sum(1 for p in ps.all_procs() if p.uid == user.uid and p.state.name in _LIVE)
     if not user.is_root and live >= ps.cfg.max_procs_per_user:
         raise SyscallError("EAGAIN", f"process quota: user {user.name} has {live} of {ps.cfg.max_procs_per_user}")
     quota = ps.cfg.kv_quota_blocks
@@ -94,29 +98,29 @@ def sys_spawn(k, call):
     if quota is not None and not user.is_root and need > quota:
         raise SyscallError("ENOMEM", f"needs up to {need} KV blocks; user quota is {quota}")
     proc = Process(
-        pid=ps.new_pid(), ppid=0, uid=user.uid, model=ps.driver.name, nice=a["priority"],
+        pid=ps.new_pid(), ppid=0, uid=user.uid, model=entry.name, nice=a["priority"],
         sampling=sampling, max_tokens=a["max_tokens"], stop_token_ids=stop_ids,
-        ignore_eos=a["ignore_eos"], interactive=a["interactive"], token_ids=ids)
-    ps.io[proc.pid] = ProcIO(decode=ps.driver.decode, stop=stop)
-    ps.sched.add(proc)
-    ps.idle = False
+        ignore_eos=a["ignore_eos"], interactive=a["interactive"], adapter=a["adapter"], token_ids=ids)
+    ps.start(proc, entry, stop)
     return proc.pid
 
 
 def sys_write(k, call):
     ps, a = k.procs, call.args
     p = ps.get(call, a["pid"])
+    sched = ps.sched_of(p.pid)
     if not p.interactive or p.state.name != "BLOCKED":
         raise SyscallError("EBUSY", f"process {p.pid} is {p.state.name}; write needs an interactive "
                                     f"process waiting for input")
-    ids = ps.tokens_for(a, prompt_key="text", ids_key="ids")
-    if len(p.token_ids) + len(ids) >= ps.max_model_len:
-        raise SyscallError("EINVAL", f"conversation would exceed the context window ({ps.max_model_len})")
+    entry = ps.model_of[p.pid]
+    ids = ps.tokens_for(entry, a, prompt_key="text", ids_key="ids")
+    if len(p.token_ids) + len(ids) >= ps.context_len(entry):
+        raise SyscallError("EINVAL", f"conversation would exceed the context window ({ps.context_len(entry)})")
     if a["max_tokens"] is not None:
         p.max_tokens = a["max_tokens"]
     ps.io[p.pid].new_turn()
-    ps.sched.append_input(p.pid, ids)
-    ps.idle = False
+    sched.append_input(p.pid, ids)
+    entry.engine.idle = False
     return {"pid": p.pid, "tokens_in": len(ids)}
 
 
@@ -143,8 +147,8 @@ def sys_wait(k, call):
         return ps.reap(p.pid)
     if p.interactive:
         io.close_after_turn = True
-        if p.state.name == "BLOCKED":      # between turns: nothing more will come
-            ps.sched.kill(p.pid)
+        if p.state.name == "BLOCKED" and p.pid not in ps.faulted:   # between turns: nothing more will come
+            ps.sched_of(p.pid).kill(p.pid)
             return ps.reap(p.pid)
     timeout = call.args["timeout"]
     io.waiters.append(Waiter("wait", call, None if timeout is None else time.monotonic() + timeout))
@@ -156,23 +160,31 @@ def sys_kill(k, call):
     p = ps.get(call, call.args["pid"])
     if p.state.name == "ZOMBIE":
         raise SyscallError("ESRCH", f"process {p.pid} has exited (reap it with wait)")
+    if p.pid in ps.faulted and sig in ("TERM", "KILL"):      # still waiting for its model
+        p.state = p.state.__class__.ZOMBIE
+        ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
+        return True
+    sched = ps.sched_of(p.pid)
     try:
         if sig == "STOP":
-            ps.sched.stop(p.pid)
+            sched.stop(p.pid)
         elif sig == "CONT":
-            ps.sched.cont(p.pid)
+            sched.cont(p.pid)
         else:
-            ps.sched.kill(p.pid)
+            sched.kill(p.pid)
             ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
     except (KeyError, ValueError) as exc:
         raise SyscallError("EBUSY", str(exc))
-    ps.idle = False
+    ps.model_of[p.pid].engine.idle = False
     return True
 
 
 def sys_nice(k, call):
     p = k.procs.get(call, call.args["pid"])
-    k.procs.sched.set_nice(p.pid, call.args["value"])
+    if p.pid in k.procs.faulted:
+        p.nice = call.args["value"]
+    else:
+        k.procs.sched_of(p.pid).set_nice(p.pid, call.args["value"])
     return {"pid": p.pid, "nice": call.args["value"]}
 
 
@@ -182,6 +194,7 @@ def sys_fork(k, call):
     parent = ps.get(call, a["pid"])
     if parent.state.name == "ZOMBIE":
         raise SyscallError("ESRCH", f"process {parent.pid} has exited")
+    sched, entry = ps.sched_of(parent.pid), ps.model_of[parent.pid]
     pids = []
     for i in range(a["n"]):
         seed = a["seed"] + i if a["seed"] is not None else None
@@ -189,15 +202,16 @@ def sys_fork(k, call):
             pid=ps.new_pid(), ppid=parent.pid, uid=parent.uid, model=parent.model, nice=parent.nice,
             sampling=_sampling(a, base=parent.sampling, seed=seed), max_tokens=parent.max_tokens,
             stop_token_ids=parent.stop_token_ids, ignore_eos=parent.ignore_eos,
-            interactive=parent.interactive, token_ids=list(parent.token_ids))
+            interactive=parent.interactive, adapter=parent.adapter, token_ids=list(parent.token_ids))
         try:
-            ps.sched.fork(parent.pid, child)
+            sched.fork(parent.pid, child)
         except (KeyError, ValueError) as exc:
             raise SyscallError("EBUSY", str(exc))
         pio = ps.io[parent.pid]
         cio = ProcIO(decode=pio.decode, stop=pio.stop, turn_ids=list(pio.turn_ids), text=pio.text,
                      turn_done=pio.turn_done, finish_reason=pio.finish_reason)
         ps.io[child.pid] = cio
+        ps.model_of[child.pid] = entry
         pids.append(child.pid)
-    ps.idle = False
+    entry.engine.idle = False
     return pids

@@ -131,6 +131,8 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("priority", "int", default=0, min=-20, max=19, doc="nice value: -20 most important"),
         Arg("interactive", "bool", default=False,
             doc="keep the process (and its KV) after each turn; continue it with write"),
+        Arg("adapter", "str", max_len=1024,
+            doc="LoRA adapter: a peft adapter directory (loaded on first use) or a loaded adapter's name"),
     ), cap="proc", doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
         returns="pid"),
     Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), Arg("messages", "list", max_len=4096),
@@ -159,6 +161,18 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="[pid, ...]"),
     Syscall(18, "pinfo", (_pid(),), cap="proc", doc="Everything about one process (its PCB).",
             returns="{pid, ppid, user, state, nice, model, sampling, tokens_in, tokens_out, ...}"),
+    Syscall(19, "model_load", (Arg("name", "str", required=True, max_len=512, doc="alias, path or hub id"),
+                               Arg("pin", "bool", default=False, doc="never evict it")),
+            cap="mm", blocking=True,
+            doc="Bring a model onto the device (evicting idle ones LRU if needed); replies when it is there.",
+            returns="{name, path, architecture, params, dtype, where, bytes, kv_bytes, pinned, processes, ...}"),
+    Syscall(20, "model_unload", (Arg("name", "str", required=True, max_len=512),), cap="mm",
+            doc="Drop a model from device and host memory (EBUSY while processes use it).", returns="true"),
+    Syscall(21, "models", cap="mm", doc="Every known model and where its weights are (device, host, disk).",
+            returns="[{name, path, architecture, params, dtype, where, loading, bytes, kv_bytes, pinned, "
+                    "last_used_s_ago, processes}]"),
+    Syscall(22, "free", cap="mm", doc="Device and host memory budgets split into weights, KV, reserve and free.",
+            returns="{device:{budget, weights, kv, reserve, free}, host:{budget, weights, free}}"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

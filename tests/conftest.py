@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
+
+# Triton reads TRITON_INTERPRET when it is first imported, and torch imports it with
+# transformers: choose the interpreter (CPU Triton tests) before any test module loads torch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess
 import sys
 import tempfile

@@ -142,3 +142,14 @@ def test_multi_turn_write_equals_the_concatenated_conversation(kernels, tiny_mod
         r = c.wait(pid, _timeout=120)
         assert out1 == hf_greedy(tiny_models[arch], p1, 6)
         assert r["token_ids"] == hf_greedy(tiny_models[arch], p1 + out1 + p2, 6)
+
+
+def test_the_triton_backend_serves_the_kernel(start_kernel, tiny_models):
+    """The Triton kernels (run by Triton's interpreter on the CPU) behind a real kernel."""
+    k = start_kernel("--device", "cpu", "--dtype", "float32", "--kv-blocks", "32", "--block-size", "4",
+                     "--attention-backend", "triton", model=tiny_models["qwen3"])
+    with k.client() as c:
+        prompts = [prompt_of(6, offset=1), prompt_of(9, offset=2)]
+        for p, r in zip(prompts, run_all(c, prompts, 4)):
+            assert r["token_ids"] == hf_greedy(tiny_models["qwen3"], p, 4)
+    assert "backend triton" in (k.state / "kernel.log").read_text()

@@ -7,7 +7,7 @@ from llmos.drivers.batch import SamplingParams
 from llmos.kernel.proc import ProcState
 from llmos.kernel.scheduler import Event, SchedulerConfig
 from sched_factories import (TOKEN, check_scheduler_invariants, chunk_of, make_config, make_proc,
-                             make_scheduler, run_step, run_until_done)
+                             make_scheduler, run_step, run_until_done, unique_tokens)
 
 
 def spawn(sched, pid, num_tokens=6, **fields):
@@ -589,3 +589,29 @@ def run_random_workload(ops, mode, host):
 @given(ops=OPS, mode=st.sampled_from(["auto", "swap", "recompute"]), host=st.sampled_from([0, 6, 40]))
 def test_random_workloads_keep_the_invariants_and_all_finish(ops, mode, host):
     run_random_workload(ops, mode, host)
+
+
+def test_a_step_holds_no_more_distinct_adapters_than_slots():
+    sched = make_scheduler(max_adapters_per_step=2)
+    for pid, adapter in enumerate(["a", "b", "c", None, "a"], start=1):
+        sched.add(make_proc(pid, adapter=adapter))
+    plan, _ = run_step(sched)
+    assert {c.adapter for c in plan.chunks} - {None} == {"a", "b"}
+    assert {c.pid for c in plan.chunks} == {1, 2, 4, 5}      # "c" waits: a third adapter would not fit
+    seen = set()
+    for _ in range(40):
+        plan, _ = run_step(sched)
+        assert len({c.adapter for c in plan.chunks} - {None}) <= 2
+        seen |= {c.pid for c in plan.chunks}
+    assert 3 in seen                                          # and it does run later
+
+
+def test_prefix_cache_is_per_adapter():
+    sched = make_scheduler(block_size=4)
+    prompt = unique_tokens(13)
+    sched.add(make_proc(1, token_ids=prompt))
+    run_until_done(sched)
+    sched.add(make_proc(2, token_ids=prompt, adapter="a"))
+    sched.add(make_proc(3, token_ids=prompt))
+    run_step(sched)
+    assert sched.get(2).num_cached_tokens == 0 and sched.get(3).num_cached_tokens == 12

@@ -1,0 +1,269 @@
+"""Weights residency: models on the device, offloaded to host memory, or on disk.
+
+Each model resident on the device is an ``Engine``: its driver (weights + its own paged KV
+pool, sized at load) and its scheduler (its processes). All engines share one device budget.
+Loading a model a process needs is a page fault: the loader thread reads it (from its host copy
+when there is one, else from disk) while the kernel loop keeps stepping the other engines;
+``poll_loads`` hands finished loads back to the loop. To make room, idle models are evicted
+least-recently-used — pinned models and models with live processes are never taken — to host
+memory while the host budget allows, else dropped. When nothing can make it fit: ``ENOMEM``
+with the numbers.
+
+On a CPU-only machine device and host memory are the same RAM; the budgets are still kept
+separately, so the policy behaves as it would on a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmos.syscalls.errors import SyscallError
+
+log = logging.getLogger("llmos.kernel")
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+@dataclass
+class Engine:
+    """A model on the device: driver (weights + KV pool) and scheduler (its processes)."""
+    name: str
+    driver: object
+    sched: object
+    max_model_len: int
+    kv_bytes: int
+    idle: bool = True
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str                          # what users call it: an alias or the path / hub id
+    path: str
+    random_weights: bool = False
+    where: str = "disk"                # "device" | "host" | "disk"
+    engine: Engine | None = None       # when on the device
+    host_driver: object | None = None  # when offloaded: weights in host memory, no KV pool
+    weight_bytes: int = 0              # estimated until loaded, then exact
+    pinned: bool = False
+    last_used: float = 0.0
+    loading: bool = False
+    tokenizer: object | None = None    # loaded on first mention, before the weights
+    config: object | None = None
+
+
+@dataclass
+class LoadDone:
+    entry: ModelEntry
+    driver: object | None
+    error: SyscallError | None = None
+
+
+class ModelManager:
+    def __init__(self, cfg, device, make_engine):
+        self.cfg = cfg
+        self.device = device
+        self.make_engine = make_engine          # (entry, driver, kv_budget_bytes) -> Engine
+        self.entries: dict[str, ModelEntry] = {}
+        self.done: queue.SimpleQueue[LoadDone] = queue.SimpleQueue()
+        free = device.free_bytes()
+        self.device_budget = cfg.device_budget or int(free * 0.9)
+        self.host_budget = cfg.host_budget if cfg.host_budget is not None else int(_host_available() * 0.5)
+        self.reserve = int(self.device_budget * cfg.reserve_fraction)
+        for alias, path in cfg.aliases.items():
+            self.entries[alias] = ModelEntry(alias, path)
+
+    # -- names --------------------------------------------------------------------------------
+    def resolve(self, name: str) -> ModelEntry:
+        """The entry for an alias, a known name, or a new local path; ``ENOENT`` otherwise."""
+        entry = self.entries.get(name)
+        if entry is None:
+            if not Path(name).is_dir():
+                known = ", ".join(sorted(self.entries)) or "none"
+                raise SyscallError("ENOENT", f"unknown model {name!r} (known: {known}; or give a model directory)")
+            entry = self.entries[name] = ModelEntry(name, name)
+        if entry.config is None:
+            self._read_meta(entry)
+        return entry
+
+    def _read_meta(self, entry: ModelEntry) -> None:
+        """Tokenizer, config and weight size: enough to check a spawn before the weights load."""
+        from transformers import AutoConfig, AutoTokenizer
+        try:
+            config = AutoConfig.from_pretrained(entry.path)
+            tokenizer = AutoTokenizer.from_pretrained(entry.path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SyscallError("EINVAL", f"model {entry.name!r} at {entry.path}: {exc}".splitlines()[0][:300])
+        weight_bytes = _weight_bytes(entry.path, self._dtype_bytes())   # all or nothing: a later
+        entry.config, entry.tokenizer, entry.weight_bytes = config, tokenizer, weight_bytes  # call retries
+
+    def _dtype_bytes(self) -> int:
+        if self.cfg.dtype:
+            return _DTYPE_BYTES.get(self.cfg.dtype, 4)
+        return 2 if self.device.kind == "cuda" else 4
+
+    # -- faults and loads ---------------------------------------------------------------------
+    def fault(self, entry: ModelEntry, pin: bool = False) -> bool:
+        """True if ``entry`` is on the device; else start loading it (once) and return False."""
+        entry.last_used = time.monotonic()
+        entry.pinned = entry.pinned or pin
+        if entry.where == "device":
+            return True
+        if not entry.loading:
+            self.check_fits(entry)
+            if self.make_room(entry):
+                entry.loading = True
+                threading.Thread(target=self._load, args=(entry,), name=f"llmos-load-{entry.name}",
+                                 daemon=True).start()
+        return False
+
+    def retry_waiting(self, waiting: list[ModelEntry]) -> None:
+        """Models that could not fit earlier try again (called when processes end)."""
+        for entry in waiting:
+            if not entry.loading and entry.where != "device":
+                self.fault(entry)
+
+    def _load(self, entry: ModelEntry) -> None:
+        from llmos.drivers.model import ModelDriver
+        try:
+            if entry.host_driver is not None:
+                driver = entry.host_driver
+                driver.to_device()                               # warm: from host memory
+            else:
+                driver = ModelDriver(entry.path, self.device, self.cfg.dtype, self.cfg.block_size,
+                                     name=entry.name, backend=self.attention_backend(),
+                                     adapter_slots=self.cfg.adapter_slots)
+            self.done.put(LoadDone(entry, driver))
+        except Exception as exc:      # a corrupt checkpoint must not take the kernel down
+            log.error("loading %s failed: %s", entry.name, exc)
+            self.done.put(LoadDone(entry, None, SyscallError("EINVAL", f"cannot load model {entry.name!r}: "
+                                                                       f"{type(exc).__name__}: {exc}"[:400])))
+
+    def attention_backend(self):
+        """The paged-attention backend for new drivers (``--attention-backend``)."""
+        from llmos.drivers import attention, triton_attention
+        choice = self.cfg.attention_backend
+        if choice == "auto":
+            choice = "triton" if self.device.kind == "cuda" and triton_attention.available() else "torch"
+        if choice == "triton":
+            if not triton_attention.available():
+                raise RuntimeError("--attention-backend triton: triton is not installed or has no GPU "
+                                   "(set TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
+            return triton_attention.TritonBackend()
+        return attention.TorchBackend()
+
+    def poll_loads(self) -> list[LoadDone]:
+        """Finished loads, turned into engines (on the loop's thread)."""
+        finished = []
+        while True:
+            try:
+                d = self.done.get_nowait()
+            except queue.Empty:
+                return finished
+            e = d.entry
+            e.loading = False
+            if d.error is None:
+                e.weight_bytes = _module_bytes(d.driver.model)
+                e.engine = self.make_engine(e, d.driver, self.free_bytes())
+                e.host_driver, e.where = None, "device"
+                e.last_used = time.monotonic()
+                log.info("model %s on the device (%d weight bytes, %d KV bytes)", e.name, e.weight_bytes,
+                         e.engine.kv_bytes)
+            finished.append(d)
+
+    # -- room ---------------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        return sum(e.weight_bytes + e.engine.kv_bytes + e.engine.driver.adapter_bytes()["device"]
+                   for e in self.entries.values() if e.where == "device") \
+            + sum(e.weight_bytes for e in self.entries.values() if e.loading)
+
+    def free_bytes(self) -> int:
+        return self.device_budget - self.reserve - self.used_bytes()
+
+    def min_kv_bytes(self, entry: ModelEntry) -> int:
+        """The least KV pool worth having: one full context window."""
+        text = entry.config.get_text_config()
+        layers, heads = text.num_hidden_layers, text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        ctx = min(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 2048), 4096)
+        blocks = self.cfg.kv_blocks or math.ceil(ctx / self.cfg.block_size)
+        return blocks * self.cfg.block_size * layers * 2 * kv_heads * head_dim * self._dtype_bytes()
+
+    def check_fits(self, entry: ModelEntry) -> None:
+        need = entry.weight_bytes + self.min_kv_bytes(entry)
+        pinned = sum(e.weight_bytes + e.engine.kv_bytes for e in self.entries.values()
+                     if e.where == "device" and e.pinned and e is not entry)
+        room = self.device_budget - self.reserve - pinned
+        if need > room:
+            raise SyscallError("ENOMEM", f"model {entry.name!r} needs {need} bytes (weights {entry.weight_bytes} "
+                                         f"+ minimal KV); the device budget is {self.device_budget} "
+                                         f"(reserve {self.reserve}, pinned models {pinned})")
+
+    def make_room(self, entry: ModelEntry) -> bool:
+        """Evict idle models LRU until ``entry`` fits; False if it must wait for busy ones."""
+        need = entry.weight_bytes + self.min_kv_bytes(entry)
+        victims = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
+                          and e is not entry and not _in_use(e)), key=lambda e: e.last_used)
+        while self.free_bytes() < need and victims:
+            self.evict(victims.pop(0))
+        return self.free_bytes() >= need
+
+    def evict(self, entry: ModelEntry) -> None:
+        """Off the device: to host memory if the host budget allows, else dropped (disk)."""
+        driver = entry.engine.driver
+        host_used = sum(e.weight_bytes for e in self.entries.values() if e.where == "host")
+        if host_used + entry.weight_bytes <= self.host_budget:
+            driver.to_host()                                  # its KV pool goes with it
+            entry.host_driver, entry.where = driver, "host"
+        else:
+            entry.host_driver, entry.where = None, "disk"
+        entry.engine = None
+        log.info("model %s evicted to %s", entry.name, entry.where)
+
+    def unload(self, name: str) -> None:
+        entry = self.entries.get(name)
+        if entry is None or entry.where == "disk" and not entry.loading:
+            raise SyscallError("ENOENT", f"model {name!r} is not loaded")
+        if entry.loading or (entry.engine is not None and _in_use(entry)):
+            raise SyscallError("EBUSY", f"model {name!r} is in use or loading")
+        if entry.where == "device":
+            self.evict(entry)
+        entry.host_driver, entry.where, entry.pinned = None, "disk", False
+
+    def engines(self) -> list[Engine]:
+        return [e.engine for e in self.entries.values() if e.engine is not None]
+
+
+def _in_use(entry: ModelEntry) -> bool:
+    """Any process (even an unreaped ZOMBIE) still belongs to this model's scheduler."""
+    return entry.engine is not None and bool(entry.engine.sched.procs)
+
+
+def _module_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _weight_bytes(path: str, dtype_bytes: int) -> int:
+    """Parameter bytes at the load dtype, from the safetensors headers (no weights read)."""
+    from safetensors import safe_open
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise SyscallError("EINVAL", f"no .safetensors weights in {path}")
+    total = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    total += math.prod(st.get_slice(key).get_shape()) * dtype_bytes
+        except Exception as exc:
+            raise SyscallError("EINVAL", f"corrupt weights file {f.name}: {exc}"[:300])
+    return total
+
+
+def _host_available() -> int:
+    import psutil
+    return psutil.virtual_memory().available

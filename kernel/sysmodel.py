@@ -1,0 +1,73 @@
+"""Model syscalls: load, unload, list, and the memory budgets (``free``)."""
+from __future__ import annotations
+
+import time
+
+from llmos.kernel.procio import PENDING_REPLY
+from llmos.syscalls.errors import SyscallError
+
+
+def _models(k):
+    if k.procs.models is None:
+        raise SyscallError("ENOENT", "this kernel runs without models (--model none)")
+    return k.procs.models
+
+
+def sys_model_load(k, call):
+    mm, ps = _models(k), k.procs
+    entry = ps.entry(call.args["name"])
+    if mm.fault(entry, pin=call.args["pin"]):
+        return models_row(ps, entry)
+    ps.load_waiters.setdefault(entry.name, []).append(call)   # answered by admit_loaded
+    if not entry.loading:
+        ps.load_waiters[entry.name].remove(call)
+        raise SyscallError("EAGAIN", f"model {entry.name!r} does not fit until busy models' processes end; "
+                                     f"free {mm.free_bytes()} bytes, it needs {entry.weight_bytes} + KV")
+    return PENDING_REPLY
+
+
+def sys_model_unload(k, call):
+    name = call.args["name"]
+    ps = k.procs
+    entry = ps.entry(name)
+    if entry is ps.default:
+        raise SyscallError("EBUSY", f"{entry.name!r} is the kernel's default model")
+    _models(k).unload(entry.name)
+    return True
+
+
+def sys_models(k, call):
+    _models(k)
+    return model_list(k.procs)
+
+
+def sys_free(k, call):
+    mm = _models(k)
+    on_device = [e for e in mm.entries.values() if e.where == "device"]
+    weights = sum(e.weight_bytes for e in on_device)
+    kv = sum(e.engine.kv_bytes for e in on_device)
+    adapters = [e.engine.driver.adapter_bytes() for e in on_device]
+    host_weights = sum(e.weight_bytes for e in mm.entries.values() if e.where == "host")
+    return {"device": {"budget": mm.device_budget, "weights": weights, "kv": kv,
+                       "adapters": sum(a["device"] for a in adapters), "reserve": mm.reserve,
+                       "free": mm.free_bytes()},
+            "host": {"budget": mm.host_budget, "weights": host_weights,
+                     "adapters": sum(a["host"] for a in adapters), "free": mm.host_budget - host_weights}}
+
+
+def models_row(ps, e) -> dict:
+    """One row of ``models``: where a model's weights are and who uses it."""
+    d = e.engine.driver if e.engine else e.host_driver
+    return {"name": e.name, "path": e.path, "architecture": (e.config.architectures or ["?"])[0],
+            "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where,
+            "loading": e.loading, "bytes": e.weight_bytes, "kv_bytes": e.engine.kv_bytes if e.engine else 0,
+            "pinned": e.pinned, "random_weights": e.random_weights,
+            "last_used_s_ago": round(time.monotonic() - e.last_used, 3) if e.last_used else None,
+            "processes": sum(1 for p, m in ps.model_of.items() if m is e),
+            "adapters": e.engine.driver.adapters() if e.engine else []}
+
+
+def model_list(ps) -> list[dict]:
+    if ps.models is None:
+        return []
+    return [models_row(ps, e) for e in ps.models.entries.values() if e.config is not None]

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.drivers import attention, lora, lora_layers
+from llmos.drivers import text as text_codec
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.drivers.device import Device, detect
 from llmos.drivers.kv_cache import PagedKVCache

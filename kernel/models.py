@@ -50,6 +50,7 @@ class ModelEntry:
     weight_bytes: int = 0              # estimated until loaded, then exact
     pinned: bool = False
     last_used: float = 0.0
+    nice: int = 0                      # priority of its latest user: less important models go first
     loading: bool = False
     tokenizer: object | None = None    # loaded on first mention, before the weights
     config: object | None = None
@@ -81,23 +82,39 @@ class ModelManager:
         """The entry for an alias, a known name, or a new local path; ``ENOENT`` otherwise."""
         entry = self.entries.get(name)
         if entry is None:
-            if not Path(name).is_dir():
+            hub_id = "/" in name and not name.startswith((".", "/", "~")) and not Path(name).exists()
+            if not Path(name).is_dir() and not hub_id:
                 known = ", ".join(sorted(self.entries)) or "none"
-                raise SyscallError("ENOENT", f"unknown model {name!r} (known: {known}; or give a model directory)")
-            entry = self.entries[name] = ModelEntry(name, name)
+                raise SyscallError("ENOENT", f"unknown model {name!r} (known: {known}; or give a model "
+                                             f"directory or hub id)")
+            entry = ModelEntry(name, name)
+            try:
+                self._read_meta(entry)
+            except SyscallError as err:
+                if hub_id:     # the loop never waits on the network: only the local HF cache here
+                    raise SyscallError("ENOENT", f"model {name!r} is neither a local directory nor in the "
+                                                 f"local Hugging Face cache (download it first, or boot "
+                                                 f"with --model {name}): {err.message}"[:400])
+                raise
+            self.entries[name] = entry
         if entry.config is None:
             self._read_meta(entry)
         return entry
 
-    def _read_meta(self, entry: ModelEntry) -> None:
-        """Tokenizer, config and weight size: enough to check a spawn before the weights load."""
+    def _read_meta(self, entry: ModelEntry, local_only: bool = True) -> None:
+        """Tokenizer, config and weight size: enough to check a spawn before the weights load.
+        Runs on the loop's thread, so by default it reads local files only (never the network)."""
         from transformers import AutoConfig, AutoTokenizer
         try:
-            config = AutoConfig.from_pretrained(entry.path)
-            tokenizer = AutoTokenizer.from_pretrained(entry.path)
+            config = AutoConfig.from_pretrained(entry.path, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(entry.path, local_files_only=local_only)
         except (OSError, ValueError, KeyError) as exc:
             raise SyscallError("EINVAL", f"model {entry.name!r} at {entry.path}: {exc}".splitlines()[0][:300])
-        weight_bytes = _weight_bytes(entry.path, self._dtype_bytes())   # all or nothing: a later
+        try:
+            files = _local_dir(entry.path, local_only)
+        except Exception as exc:          # hub errors come in many types
+            raise SyscallError("ENOENT", f"model {entry.name!r}: weights not available: {exc}".splitlines()[0][:300])
+        weight_bytes = _weight_bytes(files, self._dtype_bytes())   # all or nothing: a later
         entry.config, entry.tokenizer, entry.weight_bytes = config, tokenizer, weight_bytes  # call retries
 
     def _dtype_bytes(self) -> int:
@@ -204,10 +221,11 @@ class ModelManager:
                                          f"(reserve {self.reserve}, pinned models {pinned})")
 
     def make_room(self, entry: ModelEntry) -> bool:
-        """Evict idle models LRU until ``entry`` fits; False if it must wait for busy ones."""
+        """Evict idle models until ``entry`` fits — those last used by the least important
+        processes first, then least recently used; False if it must wait for busy ones."""
         need = entry.weight_bytes + self.min_kv_bytes(entry)
         victims = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
-                          and e is not entry and not _in_use(e)), key=lambda e: e.last_used)
+                          and e is not entry and not _in_use(e)), key=lambda e: (-e.nice, e.last_used))
         while self.free_bytes() < need and victims:
             self.evict(victims.pop(0))
         return self.free_bytes() >= need
@@ -245,6 +263,15 @@ def _in_use(entry: ModelEntry) -> bool:
 
 def _module_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _local_dir(path: str, local_only: bool) -> str:
+    """Where a model's files are: its directory, or its snapshot in the HF cache (fetched only
+    when ``local_only`` is False, i.e. at boot)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, local_files_only=local_only)
 
 
 def _weight_bytes(path: str, dtype_bytes: int) -> int:

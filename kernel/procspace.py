@@ -48,6 +48,7 @@ class ProcSpace:
         name = DEFAULT_NAME if builtin else cfg.model
         path = ensure_default_model(cfg.state_dir) if builtin else cfg.model
         entry = self.models.entries.setdefault(name, ModelEntry(name, path, random_weights=builtin))
+        self.models._read_meta(entry, local_only=False)  # boot may fetch a hub model; the loop never does
         self.default = self.models.resolve(name)
         self.models.check_fits(entry)
         entry.loading, entry.pinned = True, True         # the boot model stays
@@ -229,6 +230,7 @@ class ProcSpace:
     def start(self, proc, entry: ModelEntry, stop: tuple[str, ...] = ()) -> None:
         """Queue a new process: on its model's scheduler, or BLOCKED on a page fault."""
         self.model_of[proc.pid] = entry
+        entry.nice = proc.nice
         self.io[proc.pid] = ProcIO(decode=lambda ids, tok=entry.tokenizer: text.decode(tok, ids), stop=stop)
         if self.models.fault(entry):
             if proc.adapter is not None:

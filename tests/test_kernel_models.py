@@ -97,6 +97,7 @@ def test_bad_models_get_clear_errors_and_the_kernel_keeps_running(start_kernel, 
     with k.client() as c:
         assert errno_of(c.spawn, model="/no/such/model", prompt="hi") == "ENOENT"
         assert errno_of(c.model_load, "no-such-alias") == "ENOENT"
+        assert errno_of(c.model_load, "no-such-org/no-such-model") == "ENOENT"   # a hub id, offline
         assert errno_of(c.model_load, tiny_models["gpt2"]) == "ENOMEM"     # larger than the budget
         assert errno_of(c.model_unload, tiny_models["llama"]) == "EBUSY"   # the boot model
         assert errno_of(c.model_unload, tiny_models["qwen2"]) == "ENOENT"  # never loaded
@@ -126,3 +127,17 @@ def test_aliases_name_models(start_kernel, tiny_models):
         assert r["token_ids"] == hf_greedy(tiny_models["qwen3"], p, 5)
         row = {m["name"]: m for m in c.models()}["small"]
         assert row["where"] == "device" and row["architecture"] == "Qwen3ForCausalLM" and row["params"] > 0
+
+
+def test_models_of_less_important_users_are_evicted_first(start_kernel, tiny_models):
+    # room for the boot model and two more: a third evicts one of them
+    k = start_kernel(*ARGS, "--device-budget", "2700000", model=tiny_models["llama"])
+    older, newer, third = tiny_models["mistral"], tiny_models["qwen2"], tiny_models["qwen3"]
+    with k.client() as c:
+        c.wait(c.spawn(model=older, prompt_ids=[10, 11], max_tokens=2, priority=-10))   # important user
+        c.wait(c.spawn(model=newer, prompt_ids=[10, 11], max_tokens=2, priority=10))    # batch job
+        c.model_load(third)
+        # plain LRU would take the older model; the batch job's model goes instead
+        assert (where(c, older), where(c, newer), where(c, third)) == ("device", "host", "device")
+
+

@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0      # the CPU build on local disk (see README)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e tests/plugins/echo   # a third-party service plug-in the tests use
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmos.kernel import sysinfo, sysmodel, sysproc
-from llmos.syscalls.errors import SyscallError
+from llmos.kernel import sysinfo, sysmodel, sysproc, syssvc
+from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.table import BY_NAME, SYSCALLS
 
 _BY_NAME: dict[str, Callable] = {
@@ -36,6 +36,12 @@ _BY_NAME: dict[str, Callable] = {
     "model_unload": sysmodel.sys_model_unload,
     "models": sysmodel.sys_models,
     "free": sysmodel.sys_free,
+    "svc_list": syssvc.sys_svc_list,
+    "svc_start": syssvc.sys_svc_start,
+    "svc_stop": syssvc.sys_svc_stop,
+    "svc_register": syssvc.sys_svc_register,
+    "svc_heartbeat": syssvc.sys_svc_heartbeat,
+    "svc_reply": syssvc.sys_svc_reply,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}
@@ -45,7 +51,8 @@ assert not _missing, f"kernel-served syscalls without a handler: {_missing}"
 
 
 def dispatch(kernel, call) -> Any:
-    handler = HANDLERS.get(call.sc.num)
-    if handler is None:   # a service's call while that service is not registered
-        raise SyscallError("EAGAIN", f"{call.sc.name} is served by '{call.sc.served_by}', which is not running")
-    return handler(kernel, call)
+    """Run a kernel call's handler, or forward a service's call to that service."""
+    if call.sc.served_by != "kernel":
+        kernel.services.forward(call)
+        return PENDING_REPLY
+    return HANDLERS[call.sc.num](kernel, call)

@@ -26,6 +26,7 @@ import zmq
 from llmos.kernel import handlers
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.procspace import ProcSpace
+from llmos.kernel.services import ServiceManager
 from llmos.kernel.io import IOThread
 from llmos.kernel.security import RateLimiter, User, UserDB
 from llmos.syscalls import abi
@@ -60,6 +61,7 @@ class KernelConfig:
     host_budget: int | None = None         # bytes of offloaded weights; default 50% of available RAM
     reserve_fraction: float = 0.05         # of the device budget, never allocated
     aliases: dict = field(default_factory=dict)   # model alias -> path or hub id
+    services: list = field(default_factory=list)  # services started at boot
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Kernel:
         self.rate = RateLimiter(cfg.rate_limit)
         self.running = True
         self.procs = ProcSpace(self)           # models (engines), processes, page faults
+        self.services = ServiceManager(self)
         self.io = IOThread(cfg.socket, cfg.max_frame)
         self.chan = self.io.kernel_end
         self.poller = zmq.Poller()
@@ -103,6 +106,8 @@ class Kernel:
     def run(self) -> None:
         self.io.start()
         log.info("kernel up: boot %s on %s", self.boot_id, self.cfg.socket)
+        for name in self.cfg.services:
+            self.services.start(name)
         try:
             while self.running:
                 self.drain_syscalls(idle=not self.procs.has_work())
@@ -121,6 +126,7 @@ class Kernel:
                     events = self.procs.update(engine, plan, result)
                     self.procs.deliver(engine, events)
         finally:
+            self.services.stop_all()
             self.procs.shutdown()
             self.io.stop()
             log.info("kernel down")
@@ -140,6 +146,7 @@ class Kernel:
                 break
             self.handle(identity, frames)
         self.procs.expire_waiters()
+        self.services.tick()
 
     # -- one request --------------------------------------------------------------------------
     def handle(self, identity: bytes, frames: list[bytes]) -> None:
@@ -156,10 +163,11 @@ class Kernel:
                 self.send_error(identity, err.rid, err)
             return
         try:
-            user = self.users.authenticate(req.token)
-            sc = lookup(req.call)
+            svc = self.services.authenticate(req.token)
+            user = svc.user if svc is not None else self.users.authenticate(req.token)
+            sc = self.services.lookup(req.call) or lookup(req.call)
             self.users.check_cap(user, sc.cap, sc.name)
-            if not self.rate.allow(user.uid):
+            if svc is None and not self.rate.allow(user.uid):
                 raise SyscallError("EAGAIN", f"rate limit: {self.cfg.rate_limit:g} calls/s per user")
             call = Call(identity, req.rid, user, sc, check_args(sc, req.args))
             result = handlers.dispatch(self, call)

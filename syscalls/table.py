@@ -13,7 +13,8 @@ from typing import Any
 
 from llmos.syscalls.errors import SyscallError
 
-CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "admin")
+CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "admin")     # what users can be granted
+SERVICE_CAP = "svc"          # held only by a running service's own token, never by a user
 TYPES = ("int", "float", "str", "bool", "bytes", "list", "map", "any")
 _PY_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
@@ -75,7 +76,7 @@ class Syscall:
     arg_by_name: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        assert self.cap is None or self.cap in CAPABILITIES, self.cap
+        assert self.cap is None or self.cap in CAPABILITIES + (SERVICE_CAP,), self.cap
         object.__setattr__(self, "arg_by_name", {a.name: a for a in self.args})
 
 
@@ -172,7 +173,28 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="[{name, path, architecture, params, dtype, where, loading, bytes, kv_bytes, pinned, "
                     "last_used_s_ago, processes}]"),
     Syscall(22, "free", cap="mm", doc="Device and host memory budgets split into weights, KV, reserve and free.",
-            returns="{device:{budget, weights, kv, reserve, free}, host:{budget, weights, free}}"),
+            returns="{device:{budget, weights, kv, adapters, reserve, free}, host:{budget, weights, adapters, free}}"),
+    Syscall(23, "svc_list", doc="Services: state, pid, restarts, calls served, the calls each serves "
+                                "(with their schemas under 'schemas').",
+            returns="[{name, pid, state, restarts, calls_served, calls, uptime_s, schemas}]"),
+    Syscall(24, "svc_start", (Arg("name", "str", required=True, max_len=64),), cap="admin",
+            doc="Start a built-in service or a plug-in from the llmos.services entry-point group.",
+            returns="{name, pid, state}"),
+    Syscall(25, "svc_stop", (Arg("name", "str", required=True, max_len=64),), cap="admin",
+            doc="Stop a service (no restart); its calls answer EAGAIN.", returns="true"),
+    Syscall(26, "svc_register", (Arg("name", "str", required=True, max_len=64),
+                                 Arg("calls", "list", required=True, max_len=256),
+                                 Arg("pid", "int", min=0)), cap=SERVICE_CAP,
+            doc="(services only) Declare the calls this service serves: [{name, cap, stream, doc, returns, "
+                "args:[{name, type, required, default, min, max, max_len, choices, doc}]}].",
+            returns="{registered}"),
+    Syscall(27, "svc_heartbeat", (Arg("name", "str", max_len=64),), cap=SERVICE_CAP,
+            doc="(services only) I am alive; send at least every few seconds.", returns="true"),
+    Syscall(28, "svc_reply", (Arg("id", "int", required=True, min=0), Arg("ok", "bool", required=True),
+                              Arg("more", "bool", default=False), Arg("result", "any"), Arg("error", "map")),
+            cap=SERVICE_CAP,
+            doc="(services only) One frame of the answer to a forwarded call; one-way: the kernel does not reply.",
+            returns="nothing"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -1,0 +1,208 @@
+"""Services: out-of-kernel programs the kernel starts, routes calls to, and supervises.
+
+Each start gets a fresh secret token (in the child's environment) that is its only identity;
+the service registers the calls it serves with their argument schemas. A client's call to one
+of them is authenticated, capability- and argument-checked here like any syscall, then
+forwarded with the caller's verified identity; the service's ``svc_reply`` frames go back to
+the client under the client's request id. A service that exits or misses heartbeats is marked
+down (its calls answer ``EAGAIN``, its pending calls fail with ``EAGAIN``) and restarted with
+exponential backoff. Plug-ins are services found in the ``llmos.services`` entry-point group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+
+from llmos.kernel.security import User, hash_token
+from llmos.syscalls.abi import encode_reply
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import BY_NAME, Arg, Syscall
+
+log = logging.getLogger("llmos.kernel")
+HEARTBEAT_TIMEOUT_S = 5.0
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
+STABLE_S = 30.0                 # up this long: the next failure restarts fast again
+
+
+@dataclass
+class ServiceProc:
+    name: str
+    state: str = "stopped"            # starting | up | down | stopped
+    proc: subprocess.Popen | None = None
+    token_hash: str = ""
+    identity: bytes | None = None
+    calls: dict[str, Syscall] = field(default_factory=dict)
+    restarts: int = 0
+    calls_served: int = 0
+    started_at: float = 0.0
+    last_heartbeat: float = 0.0
+    backoff: float = BACKOFF_MIN_S
+    restart_at: float | None = None
+
+    @property
+    def user(self) -> User:
+        return User(f"svc:{self.name}", -1, frozenset({"svc"}))
+
+
+@dataclass
+class Pending:
+    identity: bytes
+    rid: object
+    service: str
+
+
+class ServiceManager:
+    def __init__(self, kernel):
+        self.k = kernel
+        self.services: dict[str, ServiceProc] = {}
+        self.by_token: dict[str, ServiceProc] = {}
+        self.routes: dict[str, ServiceProc] = {}          # call name -> the service serving it
+        self.pending: dict[int, Pending] = {}             # forwarded call id -> where the reply goes
+        self.next_kid = 1
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, name: str) -> ServiceProc:
+        svc = self.services.setdefault(name, ServiceProc(name))
+        if svc.state in ("starting", "up"):
+            raise SyscallError("EBUSY", f"service {name} is already running")
+        self._drop_token(svc)
+        token = "svc_" + secrets.token_urlsafe(32)
+        svc.token_hash = hash_token(token)
+        self.by_token[svc.token_hash] = svc
+        data_dir = self.k.cfg.state_dir / "services" / name
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = {**os.environ, "LLMOS_SOCKET": self.k.cfg.socket, "LLMOS_SERVICE_TOKEN": token,
+               "LLMOS_SERVICE_DIR": str(data_dir)}
+        out = open(data_dir / "service.log", "ab")
+        svc.proc = subprocess.Popen([sys.executable, "-m", "llmos.services.run", name], env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        svc.state, svc.started_at, svc.last_heartbeat, svc.restart_at = "starting", time.monotonic(), time.monotonic(), None
+        log.info("service %s started (pid %d)", name, svc.proc.pid)
+        return svc
+
+    def stop(self, name: str) -> None:
+        svc = self.services.get(name)
+        if svc is None:
+            raise SyscallError("ENOENT", f"no service {name}")
+        self._down(svc, "stopped by request", restart=False)
+
+    def stop_all(self) -> None:
+        for svc in self.services.values():
+            self._down(svc, "kernel shutting down", restart=False)
+
+    def tick(self) -> None:
+        """Housekeeping each loop turn: notice dead or silent services, restart due ones."""
+        now = time.monotonic()
+        for svc in self.services.values():
+            if svc.state in ("starting", "up"):
+                if svc.proc.poll() is not None:
+                    self._down(svc, f"exited with {svc.proc.returncode}")
+                elif now - svc.last_heartbeat > HEARTBEAT_TIMEOUT_S:
+                    self._down(svc, "missed heartbeats")
+            elif svc.state == "down" and svc.restart_at is not None and now >= svc.restart_at:
+                svc.restarts += 1
+                self.start(svc.name)
+
+    def _down(self, svc: ServiceProc, why: str, restart: bool = True) -> None:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+        self._drop_token(svc)
+        if not restart:        # while a restart is due, its calls stay known and answer EAGAIN
+            for name in list(svc.calls):
+                self.routes.pop(name, None)
+        for kid, p in list(self.pending.items()):
+            if p.service == svc.name:
+                del self.pending[kid]
+                self.k.send_error(p.identity, p.rid, SyscallError("EAGAIN", f"service {svc.name} went down: {why}"))
+        if time.monotonic() - svc.started_at > STABLE_S:
+            svc.backoff = BACKOFF_MIN_S
+        svc.state, svc.identity = ("down" if restart else "stopped"), None
+        svc.restart_at = time.monotonic() + svc.backoff if restart else None
+        svc.backoff = min(BACKOFF_MAX_S, svc.backoff * 2)
+        log.warning("service %s down (%s)%s", svc.name, why, f"; restart in {svc.restart_at - time.monotonic():.1f}s"
+                    if restart else "")
+
+    def _drop_token(self, svc: ServiceProc) -> None:
+        self.by_token.pop(svc.token_hash, None)
+        svc.token_hash = ""
+
+    # -- requests from services ---------------------------------------------------------------
+    def authenticate(self, token: str | None) -> ServiceProc | None:
+        return self.by_token.get(hash_token(token)) if token else None
+
+    def register(self, svc: ServiceProc, identity: bytes, calls: list) -> int:
+        table = {}
+        for c in calls:
+            sc = _syscall_of(c, svc.name)
+            owner = self.routes.get(sc.name)
+            if sc.name in BY_NAME or (owner is not None and owner is not svc):
+                raise SyscallError("EEXIST", f"call {sc.name} is already served by "
+                                             f"{'the kernel' if sc.name in BY_NAME else owner.name}")
+            table[sc.name] = sc
+        svc.calls, svc.identity, svc.state = table, identity, "up"
+        svc.last_heartbeat = time.monotonic()
+        self.routes.update({name: svc for name in table})
+        log.info("service %s up: %s", svc.name, sorted(table))
+        return len(table)
+
+    def heartbeat(self, svc: ServiceProc) -> None:
+        svc.last_heartbeat = time.monotonic()
+
+    def relay(self, svc: ServiceProc, args: dict) -> None:
+        """A service's reply frame, forwarded to the client that made the call."""
+        p = self.pending.get(args.get("id"))
+        if p is None or p.service != svc.name:
+            return                                     # its client went away or the call was failed
+        if args.get("ok"):
+            self.k.chan.send_multipart([p.identity, encode_reply(p.rid, args.get("result"), bool(args.get("more")))])
+        else:
+            self.k.send_error(p.identity, p.rid, SyscallError.from_wire(args.get("error")))
+        if not args.get("ok") or not args.get("more"):
+            del self.pending[args["id"]]
+            svc.calls_served += 1
+
+    # -- calls from clients -------------------------------------------------------------------
+    def lookup(self, name) -> Syscall | None:
+        svc = self.routes.get(name) if isinstance(name, str) else None
+        return svc.calls[name] if svc is not None else None
+
+    def forward(self, call) -> None:
+        svc = self.routes.get(call.sc.name)
+        if svc is None or svc.state != "up":
+            raise SyscallError("EAGAIN", f"service {call.sc.served_by} is down; try again shortly")
+        kid, self.next_kid = self.next_kid, self.next_kid + 1
+        self.pending[kid] = Pending(call.identity, call.rid, svc.name)
+        u = call.user
+        msg = {"id": kid, "call": call.sc.name, "args": call.args,
+               "caller": {"uid": u.uid, "user": u.name, "caps": sorted(u.caps)}}
+        self.k.chan.send_multipart([svc.identity, msgpack.packb(msg)])
+
+    def rows(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"name": s.name, "pid": s.proc.pid if s.proc and s.state in ("starting", "up") else None,
+                 "state": s.state, "restarts": s.restarts, "calls_served": s.calls_served,
+                 "calls": sorted(s.calls), "uptime_s": round(now - s.started_at, 1) if s.state == "up" else 0}
+                for s in self.services.values()]
+
+
+def _syscall_of(c: dict, service: str) -> Syscall:
+    """A registered call's schema, checked like the kernel's own table entries."""
+    try:
+        args = tuple(Arg(a["name"], a["type"], bool(a.get("required")), a.get("default"), a.get("min"),
+                         a.get("max"), a.get("max_len"), tuple(a["choices"]) if a.get("choices") else None,
+                         a.get("doc", "")) for a in c.get("args", []))
+        if not isinstance(c["name"], str) or not c["name"]:
+            raise ValueError("a call needs a name")
+        return Syscall(-1, c["name"], args, cap=c.get("cap"), served_by=service, stream=bool(c.get("stream")),
+                       doc=c.get("doc", ""), returns=c.get("returns", ""))
+    except (AssertionError, KeyError, TypeError, ValueError) as exc:
+        raise SyscallError("EINVAL", f"bad call schema from service {service}: {exc!r}"[:300])

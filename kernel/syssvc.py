@@ -1,0 +1,59 @@
+"""Service syscalls: what services send (register, heartbeat, reply) and what admins ask."""
+from __future__ import annotations
+
+import importlib.metadata
+
+from llmos.kernel.procio import PENDING_REPLY
+from llmos.syscalls.errors import SyscallError
+
+BUILTIN_SERVICES: tuple[str, ...] = ()      # the file store and knowledge graph join here
+
+
+def known_services() -> set[str]:
+    return set(BUILTIN_SERVICES) | {ep.name for ep in importlib.metadata.entry_points(group="llmos.services")}
+
+
+def _caller_service(k, call):
+    svc = k.services.services.get(call.user.name.removeprefix("svc:"))
+    if svc is None:
+        raise SyscallError("EPERM", "only a running service may send this")
+    return svc
+
+
+def sys_svc_register(k, call):
+    svc = _caller_service(k, call)
+    if call.args["name"] != svc.name:
+        raise SyscallError("EPERM", f"this token belongs to service {svc.name}, not {call.args['name']}")
+    return {"registered": k.services.register(svc, call.identity, call.args["calls"])}
+
+
+def sys_svc_heartbeat(k, call):
+    k.services.heartbeat(_caller_service(k, call))
+    return True
+
+
+def sys_svc_reply(k, call):
+    k.services.relay(_caller_service(k, call), call.args)
+    return PENDING_REPLY          # one-way: no answer to the service
+
+
+def sys_svc_list(k, call):
+    rows = k.services.rows()
+    for row in rows:
+        svc = k.services.services[row["name"]]
+        row["schemas"] = {n: {"cap": sc.cap, "stream": sc.stream, "doc": sc.doc,
+                              "args": [a.name for a in sc.args]} for n, sc in svc.calls.items()}
+    return rows
+
+
+def sys_svc_start(k, call):
+    name = call.args["name"]
+    if name not in known_services():
+        raise SyscallError("ENOENT", f"no service {name!r}; known: {sorted(known_services())}")
+    svc = k.services.start(name)
+    return {"name": name, "pid": svc.proc.pid, "state": svc.state}
+
+
+def sys_svc_stop(k, call):
+    k.services.stop(call.args["name"])
+    return True

@@ -1,0 +1,108 @@
+"""The service base: an ordinary program that serves some calls of the ABI.
+
+A service declares its calls in a table of its own (``Syscall``/``Arg`` from the syscall
+table module, like the kernel's), maps each name to a method in ``handlers()``, and runs::
+
+    class Echo(Service):
+        name = "echo"
+        calls = (Syscall(0, "echo", (Arg("text", "str", required=True),), cap="fs"),)
+        def handlers(self):
+            return {"echo": self.echo}
+        def echo(self, caller, text):
+            return text
+
+The kernel starts it (``python -m llmos.services.run NAME``) with ``LLMOS_SOCKET`` and a
+one-time ``LLMOS_SERVICE_TOKEN`` in the environment. The service registers its table, then
+receives ``{"id", "call", "args", "caller": {uid, user, caps}}`` messages (arguments already
+checked against its schema by the kernel, the caller already authenticated) and answers each
+with ``svc_reply``; a handler may also yield several results (a stream). It sends
+``svc_heartbeat`` every ``HEARTBEAT_S`` seconds; the kernel restarts a service that misses them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from llmos.syscalls import abi
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import Syscall
+
+HEARTBEAT_S = 1.0
+log = logging.getLogger("llmos.service")
+
+
+def schema_of(sc: Syscall) -> dict:
+    """A call's declaration as it travels in ``svc_register``."""
+    return {"name": sc.name, "cap": sc.cap, "stream": sc.stream, "doc": sc.doc, "returns": sc.returns,
+            "args": [{"name": a.name, "type": a.type, "required": a.required, "default": a.default,
+                      "min": a.min, "max": a.max, "max_len": a.max_len,
+                      "choices": list(a.choices) if a.choices else None, "doc": a.doc} for a in sc.args]}
+
+
+class Service:
+    name: str = ""
+    calls: tuple[Syscall, ...] = ()
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """Call name -> method(caller, **args). Explicit: wire names are never looked up with getattr."""
+        return {}
+
+    def setup(self) -> None:
+        """Open files, replay logs: runs before registering, so calls only arrive when ready."""
+
+    # -- the receive/reply loop ---------------------------------------------------------------
+    def run(self, socket: str | None = None, token: str | None = None) -> None:
+        socket = socket or os.environ["LLMOS_SOCKET"]
+        token = token or os.environ["LLMOS_SERVICE_TOKEN"]
+        table = self.handlers()
+        missing = [sc.name for sc in self.calls if sc.name not in table]
+        assert not missing, f"{self.name}: calls without a handler: {missing}"
+        self.setup()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(socket)
+        self._sock, self._token, self._rid = sock, token, 0
+        self._request("svc_register", {"name": self.name, "calls": [schema_of(sc) for sc in self.calls],
+                                       "pid": os.getpid()})
+        next_beat = time.monotonic() + HEARTBEAT_S
+        while True:
+            if sock.poll(max(1, int((next_beat - time.monotonic()) * 1000))):
+                msg = msgpack.unpackb(sock.recv(), raw=False)
+                if "call" in msg and "caller" in msg:
+                    self._serve(table, msg)
+                elif msg.get("ok") is False and msg.get("error", {}).get("errno") == "EACCES":
+                    return                      # our token was revoked: the kernel replaced us
+            if time.monotonic() >= next_beat:
+                self._request("svc_heartbeat", {"name": self.name})
+                next_beat = time.monotonic() + HEARTBEAT_S
+
+    def _serve(self, table: dict, msg: dict) -> None:
+        kid, call, caller = msg["id"], msg["call"], msg["caller"]
+        try:
+            out = table[call](caller, **msg.get("args", {}))
+            if isinstance(out, Iterator):
+                for item in out:
+                    self._reply(kid, True, item, more=True)
+                self._reply(kid, True, None, more=False)
+            else:
+                self._reply(kid, True, out)
+        except SyscallError as err:
+            self._reply(kid, False, err.to_wire())
+        except Exception as exc:          # a bug answers EIO; the service keeps serving
+            log.error("%s.%s crashed: %s", self.name, call, traceback.format_exc())
+            self._reply(kid, False, SyscallError("EIO", f"{type(exc).__name__}: {exc}").to_wire())
+
+    def _reply(self, kid: int, ok: bool, payload: Any, more: bool = False) -> None:
+        args = {"id": kid, "ok": ok, "more": more, ("result" if ok else "error"): payload}
+        self._request("svc_reply", args)
+
+    def _request(self, call: str, args: dict) -> None:
+        self._rid += 1
+        self._sock.send(abi.encode_request(self._rid, call, args, self._token))

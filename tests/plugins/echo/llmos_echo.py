@@ -1,0 +1,33 @@
+"""A third-party llmos service: echo, a stream, and ways to fail (for supervision tests)."""
+import os
+import time
+
+from llmos.services.base import Service
+from llmos.syscalls.table import Arg, Syscall
+
+
+class EchoService(Service):
+    name = "echo"
+    calls = (
+        Syscall(0, "echo", (Arg("text", "str", required=True, max_len=1000),), cap="fs",
+                doc="Return the text and who asked."),
+        Syscall(0, "echo_count", (Arg("n", "int", required=True, min=0, max=100),), stream=True,
+                doc="Stream 0..n-1."),
+        Syscall(0, "echo_crash", cap="fs", doc="Exit at once (the kernel restarts the service)."),
+        Syscall(0, "echo_hang", cap="fs", doc="Stop answering and heartbeating."),
+    )
+
+    def handlers(self):
+        return {"echo": self.echo, "echo_count": self.count, "echo_crash": self.crash, "echo_hang": self.hang}
+
+    def echo(self, caller, text):
+        return {"text": text, "caller": caller, "pid": os.getpid()}
+
+    def count(self, caller, n):
+        yield from range(n)
+
+    def crash(self, caller):
+        os._exit(3)
+
+    def hang(self, caller):
+        time.sleep(3600)

@@ -1,0 +1,100 @@
+"""The service framework, with a third-party plug-in (tests/plugins/echo, installed by the Makefile)."""
+import time
+
+import pytest
+
+from llmos import SyscallError, connect
+
+
+def wait_for(pred, timeout=20.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def echo_state(c) -> dict:
+    return next((s for s in c.svc_list() if s["name"] == "echo"), {})
+
+
+@pytest.fixture
+def svc_kernel(start_kernel):
+    k = start_kernel("--service", "echo")
+    with k.client() as c:
+        wait_for(lambda: echo_state(c).get("state") == "up")
+    return k
+
+
+def errno_of(fn, *a, **kw) -> str:
+    with pytest.raises(SyscallError) as e:
+        fn(*a, **kw)
+    assert e.value.message
+    return e.value.errno
+
+
+def test_a_plugin_service_serves_its_calls_with_the_callers_verified_identity(svc_kernel):
+    with svc_kernel.client() as root:
+        alice = svc_kernel.client(root.user_add("alice")["token"])
+        row = echo_state(root)
+        assert row["state"] == "up" and row["pid"] and set(row["calls"]) >= {"echo", "echo_count"}
+        assert row["schemas"]["echo"]["args"] == ["text"]
+    r = alice.call("echo", text="hello")
+    assert r["text"] == "hello" and r["caller"]["user"] == "alice" and r["caller"]["uid"] == 1000
+    assert list(alice.stream("echo_count", n=3)) == [0, 1, 2, None]
+    with svc_kernel.client() as root:
+        assert echo_state(root)["calls_served"] == 2
+
+
+def test_service_calls_are_checked_by_the_kernel_from_the_services_schema(svc_kernel):
+    with svc_kernel.client() as root:
+        nofs = svc_kernel.client(root.user_add("bob", caps=["proc"])["token"])
+        assert errno_of(root.call, "echo") == "EINVAL"                     # text is required
+        assert errno_of(root.call, "echo", text="x" * 1001) == "E2BIG"
+        assert errno_of(root.call, "echo", text="hi", extra=1) == "EINVAL"
+        assert errno_of(nofs.call, "echo", text="hi") == "EPERM"          # echo needs the fs capability
+        assert echo_state(root)["calls_served"] == 0                       # none of them reached it
+
+
+def test_only_a_running_service_can_speak_for_it(svc_kernel):
+    with svc_kernel.client() as root:
+        assert errno_of(root.call, "svc_reply", id=1, ok=True) == "EPERM"
+        assert errno_of(root.call, "svc_register", name="echo", calls=[]) == "EPERM"
+    forged = connect(svc_kernel.socket, "svc_not-a-real-token", timeout=5)
+    assert errno_of(forged.call, "svc_heartbeat", name="echo") == "EACCES"
+
+
+def test_a_crashed_service_is_restarted_and_answers_eagain_meanwhile(svc_kernel):
+    with svc_kernel.client() as c:
+        first_pid = echo_state(c)["pid"]
+        assert errno_of(c.call, "echo_crash") == "EAGAIN"                # its pending call fails cleanly
+        assert errno_of(c.call, "echo", text="hi") == "EAGAIN"           # down: try again
+        wait_for(lambda: echo_state(c).get("state") == "up")
+        row = echo_state(c)
+        assert row["restarts"] == 1 and row["pid"] != first_pid
+        assert c.call("echo", text="back")["text"] == "back"
+
+
+def test_a_hung_service_is_noticed_by_missed_heartbeats_and_restarted(svc_kernel):
+    with svc_kernel.client() as c:
+        assert errno_of(c.call, "echo_hang", _timeout=30) == "EAGAIN"   # failed when it was declared dead
+        wait_for(lambda: echo_state(c).get("state") == "up" and echo_state(c)["restarts"] == 1, timeout=30)
+        assert c.call("echo", text="ok")["text"] == "ok"
+
+
+def test_admins_start_and_stop_services(start_kernel):
+    k = start_kernel()
+    with k.client() as root:
+        assert root.svc_list() == []
+        assert errno_of(root.call, "echo", text="hi") == "ENOSYS"        # not running, never registered
+        assert errno_of(root.svc_start, "no-such-service") == "ENOENT"
+        assert root.svc_start("echo")["state"] == "starting"
+        wait_for(lambda: echo_state(root).get("state") == "up")
+        assert root.call("echo", text="hi")["text"] == "hi"
+        user = k.client(root.user_add("carol")["token"])
+        assert errno_of(user.svc_stop, "echo") == "EPERM"
+        assert root.svc_stop("echo") is True
+        assert echo_state(root)["state"] == "stopped"
+        assert errno_of(root.call, "echo", text="hi") == "ENOSYS"

@@ -1,11 +1,13 @@
 """The kernel: one process, one device, one loop.
 
     while running:
-        drain_syscalls()                         # answer immediate calls, register waiters
-        plan = scheduler.schedule()              # who runs this step (a value object)
-        result = driver.execute(plan)            # one forward pass over the batch
-        events = scheduler.update(plan, result)  # tokens appended, processes finished
-        deliver(events)                          # stream tokens, answer waiters
+        drain_syscalls()                             # answer immediate calls, register waiters
+        admit_loaded()                               # processes whose model finished loading
+        for each model on the device with work:      # an engine: driver + KV pool + scheduler
+            plan = scheduler.schedule()              # who runs this step (a value object)
+            result = driver.execute(plan)            # one forward pass over the batch
+            events = scheduler.update(plan, result)  # tokens appended, processes finished
+            deliver(events)                          # stream tokens, answer waiters
 
 Sockets belong to the I/O thread; this loop only reads and writes its inproc end. A handler
 never blocks: ``wait`` and ``read`` register a waiter that ``deliver`` answers later.
@@ -115,21 +117,24 @@ class Kernel:
                 for engine in self.procs.engines():          # one step per model with work
                     plan = engine.sched.schedule()
                     engine.idle = plan.is_empty
-                    if plan.is_empty:
-                        continue
-                    self.procs.notify_preempted(plan)
-                    try:
-                        result = engine.driver.execute(plan)
-                    except Exception as exc:                 # e.g. out of device memory
-                        self.procs.fail_plan(engine, plan, exc)
-                        continue
-                    events = self.procs.update(engine, plan, result)
-                    self.procs.deliver(engine, events)
+                    if not plan.is_empty:
+                        self.step(engine, plan)
         finally:
             self.services.stop_all()
             self.procs.shutdown()
             self.io.stop()
             log.info("kernel down")
+
+    def step(self, engine, plan) -> None:
+        """One forward pass. If anything in it fails (e.g. out of device memory), the processes
+        it carried end with an error; the kernel and every other process go on."""
+        try:
+            self.procs.notify_preempted(plan)
+            result = engine.driver.execute(plan)
+            events = self.procs.update(engine, plan, result)
+            self.procs.deliver(engine, events)
+        except Exception as exc:
+            self.procs.fail_plan(engine, plan, exc)
 
     def drain_syscalls(self, idle: bool) -> None:
         """Handle what the I/O thread has queued; when idle, sleep until something arrives."""

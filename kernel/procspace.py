@@ -16,6 +16,7 @@ from llmos.drivers import text
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.kernel import sysmodel
 from llmos.kernel.models import Engine, ModelEntry, ModelManager
+from llmos.kernel.proc import ProcState
 from llmos.kernel.procio import ProcIO, Waiter
 from llmos.syscalls.errors import SyscallError
 
@@ -114,7 +115,7 @@ class ProcSpace:
         """End a process because of an error that is not its fault; it keeps its output so far."""
         proc = self.proc(pid)
         if pid in self.faulted:
-            proc.state = proc.state.__class__.ZOMBIE
+            proc.state = ProcState.ZOMBIE
         elif proc.is_alive:
             self.sched_of(pid).kill(pid)
         self._event(pid, {"event": "error", "message": message})
@@ -242,7 +243,7 @@ class ProcSpace:
             entry.engine.sched.add(proc)
             entry.engine.idle = False
         else:
-            proc.state = proc.state.__class__.BLOCKED
+            proc.state = ProcState.BLOCKED
             self.faulted[proc.pid] = proc
 
     @staticmethod

@@ -9,6 +9,7 @@ import math
 import time
 
 from llmos.drivers.batch import SamplingParams
+from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.procio import PENDING_REPLY, ProcIO, Waiter
 from llmos.kernel.procspace import random_seed
 from llmos.syscalls.errors import SyscallError
@@ -78,7 +79,6 @@ def _check_ids(name: str, ids: list, vocab: int) -> frozenset:
 
 
 def sys_spawn(k, call):
-    from llmos.kernel.proc import Process
     ps, a, user = k.procs, call.args, call.user
     entry = ps.entry(a["model"])
     ids = ps.tokens_for(entry, a)
@@ -161,7 +161,7 @@ def sys_kill(k, call):
     if p.state.name == "ZOMBIE":
         raise SyscallError("ESRCH", f"process {p.pid} has exited (reap it with wait)")
     if p.pid in ps.faulted and sig in ("TERM", "KILL"):      # still waiting for its model
-        p.state = p.state.__class__.ZOMBIE
+        p.state = ProcState.ZOMBIE
         ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
         return True
     sched = ps.sched_of(p.pid)
@@ -189,7 +189,6 @@ def sys_nice(k, call):
 
 
 def sys_fork(k, call):
-    from llmos.kernel.proc import Process
     ps, a = k.procs, call.args
     parent = ps.get(call, a["pid"])
     if parent.state.name == "ZOMBIE":

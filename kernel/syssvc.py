@@ -6,7 +6,7 @@ import importlib.metadata
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.errors import SyscallError
 
-BUILTIN_SERVICES: tuple[str, ...] = ()      # the file store and knowledge graph join here
+BUILTIN_SERVICES: tuple[str, ...] = ("fs", "kg")   # = llmos.services.run.BUILTIN (a test checks)
 
 
 def known_services() -> set[str]:

@@ -61,10 +61,10 @@ class Service:
     def run(self, socket: str | None = None, token: str | None = None) -> None:
         socket = socket or os.environ["LLMOS_SOCKET"]
         token = token or os.environ["LLMOS_SERVICE_TOKEN"]
+        self.setup()
         table = self.handlers()
         missing = [sc.name for sc in self.calls if sc.name not in table]
         assert not missing, f"{self.name}: calls without a handler: {missing}"
-        self.setup()
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(socket)

@@ -13,7 +13,10 @@ import importlib.metadata
 import logging
 import sys
 
-BUILTIN: dict[str, str] = {}         # name -> "module:Class" of the services shipped with llmos
+# name -> "module:Class" of the services shipped with llmos (the kernel lists the same names
+# in kernel/syssvc.py BUILTIN_SERVICES; a test keeps the two equal)
+BUILTIN: dict[str, str] = {"fs": "llmos.services.fs.service:FsService",
+                           "kg": "llmos.services.kg.service:KgService"}
 
 
 def find(name: str):

@@ -35,6 +35,7 @@ class ProcIO:
     turn_done: bool = False
     close_after_turn: bool = False                      # wait() on an interactive process
     events: list[dict] = field(default_factory=list)    # preemption notices etc.
+    kg_facts: list[str] = field(default_factory=list)   # knowledge-graph facts put before the prompt
     waiters: list[Waiter] = field(default_factory=list)
 
     def new_turn(self) -> None:

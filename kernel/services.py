@@ -53,9 +53,10 @@ class ServiceProc:
 
 @dataclass
 class Pending:
-    identity: bytes
+    identity: bytes | None
     rid: object
     service: str
+    on_reply: object = None        # the kernel's own request: called with (ok, result | SyscallError)
 
 
 class ServiceManager:
@@ -122,7 +123,8 @@ class ServiceManager:
         for kid, p in list(self.pending.items()):
             if p.service == svc.name:
                 del self.pending[kid]
-                self.k.send_error(p.identity, p.rid, SyscallError("EAGAIN", f"service {svc.name} went down: {why}"))
+                err = SyscallError("EAGAIN", f"service {svc.name} went down: {why}")
+                p.on_reply(False, err) if p.on_reply else self.k.send_error(p.identity, p.rid, err)
         if time.monotonic() - svc.started_at > STABLE_S:
             svc.backoff = BACKOFF_MIN_S
         svc.state, svc.identity = ("down" if restart else "stopped"), None
@@ -162,6 +164,12 @@ class ServiceManager:
         p = self.pending.get(args.get("id"))
         if p is None or p.service != svc.name:
             return                                     # its client went away or the call was failed
+        if p.on_reply is not None:                     # the kernel asked (one frame answers)
+            del self.pending[args["id"]]
+            svc.calls_served += 1
+            ok = bool(args.get("ok"))
+            p.on_reply(ok, args.get("result") if ok else SyscallError.from_wire(args.get("error")))
+            return
         if args.get("ok"):
             self.k.chan.send_multipart([p.identity, encode_reply(p.rid, args.get("result"), bool(args.get("more")))])
         else:
@@ -176,14 +184,23 @@ class ServiceManager:
         return svc.calls[name] if svc is not None else None
 
     def forward(self, call) -> None:
-        svc = self.routes.get(call.sc.name)
+        """A client's call to a service: the reply frames go straight back to the client."""
+        self._send(call.sc.name, call.args, call.user, Pending(call.identity, call.rid, ""))
+
+    def ask(self, name: str, args: dict, user: User, on_reply) -> None:
+        """The kernel's own call to a service on behalf of ``user`` (e.g. facts for a spawn);
+        ``on_reply(ok, result | SyscallError)`` runs on the loop when the answer comes."""
+        self._send(name, args, user, Pending(None, None, "", on_reply))
+
+    def _send(self, name: str, args: dict, user: User, pending: Pending) -> None:
+        svc = self.routes.get(name)
         if svc is None or svc.state != "up":
-            raise SyscallError("EAGAIN", f"service {call.sc.served_by} is down; try again shortly")
+            raise SyscallError("EAGAIN", f"{name}: its service is not running; try again shortly")
         kid, self.next_kid = self.next_kid, self.next_kid + 1
-        self.pending[kid] = Pending(call.identity, call.rid, svc.name)
-        u = call.user
-        msg = {"id": kid, "call": call.sc.name, "args": call.args,
-               "caller": {"uid": u.uid, "user": u.name, "caps": sorted(u.caps)}}
+        pending.service = svc.name
+        self.pending[kid] = pending
+        msg = {"id": kid, "call": name, "args": args,
+               "caller": {"uid": user.uid, "user": user.name, "caps": sorted(user.caps)}}
         self.k.chan.send_multipart([svc.identity, msgpack.packb(msg)])
 
     def rows(self) -> list[dict]:

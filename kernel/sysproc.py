@@ -9,6 +9,7 @@ import math
 import time
 
 from llmos.drivers.batch import SamplingParams
+from llmos.kernel import augment
 from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.procio import PENDING_REPLY, ProcIO, Waiter
 from llmos.kernel.procspace import random_seed
@@ -39,7 +40,7 @@ def sys_pinfo(k, call):
             "num_tokens": len(p.token_ids), "num_computed_tokens": p.num_computed_tokens,
             "cached_tokens": p.num_cached_tokens, "preemptions": p.num_preemptions,
             "swaps": p.num_swaps, "recomputes": p.num_recomputes, "events": io.events,
-            "stop": list(io.stop)}
+            "stop": list(io.stop), "kg_facts": io.kg_facts}
 
 
 def sys_meminfo(k, call):
@@ -79,7 +80,13 @@ def _check_ids(name: str, ids: list, vocab: int) -> frozenset:
 
 
 def sys_spawn(k, call):
-    ps, a, user = k.procs, call.args, call.user
+    if call.args["kg"] not in (None, False):
+        return augment.spawn_with_facts(k, call, spawn)     # replies when the facts are in
+    return spawn(k, call, call.args)
+
+
+def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
+    ps, user = k.procs, call.user
     entry = ps.entry(a["model"])
     ids = ps.tokens_for(entry, a)
     stop = tuple(s for s in (a["stop"] or []) if isinstance(s, str) and s)
@@ -102,6 +109,7 @@ def sys_spawn(k, call):
         sampling=sampling, max_tokens=a["max_tokens"], stop_token_ids=stop_ids,
         ignore_eos=a["ignore_eos"], interactive=a["interactive"], adapter=a["adapter"], token_ids=ids)
     ps.start(proc, entry, stop)
+    ps.io[proc.pid].kg_facts = list(kg_facts)
     return proc.pid
 
 

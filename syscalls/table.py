@@ -134,6 +134,9 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="keep the process (and its KV) after each turn; continue it with write"),
         Arg("adapter", "str", max_len=1024,
             doc="LoRA adapter: a peft adapter directory (loaded on first use) or a loaded adapter's name"),
+        Arg("kg", "any", doc="true or a graph name (mine, shared, all): put the knowledge graph's facts "
+                             "about the entities the prompt mentions before it (needs the kg service)"),
+        Arg("kg_budget", "int", default=256, min=1, max=8192, doc="most words of facts to add"),
     ), cap="proc", doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
         returns="pid"),
     Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), Arg("messages", "list", max_len=4096),

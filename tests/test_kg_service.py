@@ -5,6 +5,7 @@ import signal
 import pytest
 
 from llmos import SyscallError
+from fixtures_models import tiny_models  # noqa: F401
 from test_services import wait_for
 
 
@@ -50,3 +51,32 @@ def test_acknowledged_facts_survive_a_killed_service(kg_kernel):
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: kg_up(root, restarts=1))
     assert a.call("kg_query", pattern=["Paris", "capital_of", "?c"]) == [{"?c": "France"}]
+
+
+def test_spawn_with_kg_puts_the_facts_before_the_prompt(start_kernel, tiny_models):
+    k = start_kernel("--service", "kg", "--device", "cpu", "--kv-blocks", "64", "--block-size", "4",
+                     model=tiny_models["llama"])
+    with k.client() as root:
+        wait_for(lambda: kg_up(root))
+        alice = k.client(root.user_add("alice")["token"])
+    alice.call("kg_add", triples=[["Alice", "works_at", "Acme"], ["Acme", "located_in", "Paris"],
+                                  ["Zed", "likes", "tea"]])
+    plain = alice.spawn(prompt="Where does Alice work?", max_tokens=2)
+    pid = alice.spawn(prompt="Where does Alice work?", max_tokens=2, kg=True)
+    info = alice.pinfo(pid)
+    assert any("Acme" in f for f in info["kg_facts"]) and not any("Zed" in f for f in info["kg_facts"])
+    assert info["tokens_in"] > alice.pinfo(plain)["tokens_in"]           # the facts really went in
+    chat = alice.spawn(messages=[{"role": "user", "content": "Tell me about Acme"}], max_tokens=2, kg="mine")
+    assert alice.pinfo(chat)["kg_facts"]
+    with pytest.raises(SyscallError) as e:
+        alice.spawn(prompt_ids=[10, 11], kg=True)
+    assert e.value.errno == "EINVAL"
+    for p in (plain, pid, chat):
+        alice.wait(p)
+
+
+def test_spawn_with_kg_and_no_kg_service_is_eagain(start_kernel, tiny_models):
+    k = start_kernel("--device", "cpu", "--kv-blocks", "64", "--block-size", "4", model=tiny_models["llama"])
+    with k.client() as c, pytest.raises(SyscallError) as e:
+        c.spawn(prompt="hi", kg=True)
+    assert e.value.errno == "EAGAIN"

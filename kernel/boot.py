@@ -22,6 +22,7 @@ from llmos.kernel.security import UserDB, write_private
 from llmos.syscalls import abi, locate
 
 PIDFILE = "kernel.pid"
+DEFAULT_SERVICES = ("fs", "kg")
 
 
 def parse_args(argv: list[str] | None = None) -> KernelConfig:
@@ -52,8 +53,10 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                    help="host bytes for offloaded weights (default 50%% of available RAM)")
     p.add_argument("--alias", action="append", default=[], metavar="NAME=PATH",
                    help="a model name users can spawn by (repeatable)")
-    p.add_argument("--service", action="append", default=[], metavar="NAME",
-                   help="start this service at boot (repeatable): built-in or an llmos.services plug-in")
+    p.add_argument("--service", action="append", default=None, metavar="NAME",
+                   help="start this service at boot (repeatable): built-in or an llmos.services plug-in; "
+                        "default: fs and kg")
+    p.add_argument("--no-services", action="store_true", help="start no services at boot")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
@@ -66,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         max_num_batched_tokens=a.max_batched_tokens, preempt_mode=a.preempt_mode,
         max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
         kv_quota_blocks=a.kv_quota_blocks, device_budget=a.device_budget, host_budget=a.host_budget,
-        aliases=dict(_alias(x) for x in a.alias), services=a.service)
+        aliases=dict(_alias(x) for x in a.alias),
+        services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
 
 def _alias(text: str) -> tuple[str, str]:

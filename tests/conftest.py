@@ -28,7 +28,8 @@ class KernelProc:
         # ipc paths are limited to 107 bytes, so keep state directories short.
         self.state = state or Path(tempfile.mkdtemp(prefix="llmos-"))
         self.socket = args[args.index("--socket") + 1] if "--socket" in args else locate.default_socket(self.state)
-        self.args = ["--state-dir", str(self.state), "--model", model, *args]
+        lean = () if "--service" in args else ("--no-services",)     # services only where a test asks
+        self.args = ["--state-dir", str(self.state), "--model", model, *lean, *args]
         self.proc = None
 
     def start(self, timeout: float = 120.0) -> "KernelProc":

@@ -105,6 +105,23 @@ def tour(c) -> None:
         print(f"  pid {kid}: {show(c.wait(kid)['text'][:40])}")
     c.wait(chat)
 
+    say("services: the file store and the knowledge graph (programs outside the kernel)")
+    up = lambda: {s["name"] for s in c.svc_list() if s["state"] == "up"} >= {"fs", "kg"}  # noqa: E731
+    deadline = time.monotonic() + 30
+    while not up() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print("  " + ", ".join(f"{s['name']} (pid {s['pid']}, {len(s['calls'])} calls)" for s in c.svc_list()))
+    st = c.call("fs_put", path="notes/hello.txt", data=b"Hello from the llmos file store")
+    print(f"  fs_put notes/hello.txt: {st['size']} bytes, sha256 {st['sha256'][:12]}...; "
+          f"fs_get: {c.call('fs_get', path='notes/hello.txt').decode()!r}")
+    c.call("kg_add", triples=[["Ada", "works_at", "Analytical Engines Ltd"],
+                              ["Analytical Engines Ltd", "located_in", "London"]], source="demo")
+    print(f"  kg_query (?who, works_at, Analytical Engines Ltd): "
+          f"{c.call('kg_query', pattern=['?who', 'works_at', 'Analytical Engines Ltd'])}")
+    pid = c.spawn(prompt="Where does Ada work?", max_tokens=8, kg=True)
+    print(f"  spawn(kg=True) added these facts before the prompt: {c.pinfo(pid)['kg_facts']}")
+    c.wait(pid)
+
     say("meminfo: the paged KV pool")
     mem = c.meminfo()
     print(f"  {mem['blocks_total']} blocks of {mem['block_size']} tokens ({mem['bytes_per_block']} bytes each), "

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                    help="start this service at boot (repeatable): built-in or an llmos.services plug-in; "
                         "default: fs and kg")
     p.add_argument("--no-services", action="store_true", help="start no services at boot")
+    p.add_argument("--service-call-timeout", type=float, default=60.0,
+                   help="seconds a service may take to answer a call (ETIMEDOUT after)")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
         kv_quota_blocks=a.kv_quota_blocks, device_budget=a.device_budget, host_budget=a.host_budget,
         aliases=dict(_alias(x) for x in a.alias),
+        service_call_timeout=a.service_call_timeout,
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
 

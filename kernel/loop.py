@@ -64,6 +64,7 @@ class KernelConfig:
     reserve_fraction: float = 0.05         # of the device budget, never allocated
     aliases: dict = field(default_factory=dict)   # model alias -> path or hub id
     services: list = field(default_factory=list)  # services started at boot
+    service_call_timeout: float = 60.0     # seconds a service may take to answer (or between frames)
 
 
 @dataclass

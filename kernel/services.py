@@ -57,6 +57,7 @@ class Pending:
     rid: object
     service: str
     on_reply: object = None        # the kernel's own request: called with (ok, result | SyscallError)
+    last_heard: float = field(default_factory=time.monotonic)   # sent, or its last frame
 
 
 class ServiceManager:
@@ -102,6 +103,12 @@ class ServiceManager:
     def tick(self) -> None:
         """Housekeeping each loop turn: notice dead or silent services, restart due ones."""
         now = time.monotonic()
+        limit = self.k.cfg.service_call_timeout
+        for kid, p in list(self.pending.items()):       # a service that never answers a call
+            if now - p.last_heard > limit:
+                del self.pending[kid]
+                err = SyscallError("ETIMEDOUT", f"service {p.service} did not answer within {limit:g}s")
+                p.on_reply(False, err) if p.on_reply else self.k.send_error(p.identity, p.rid, err)
         for svc in self.services.values():
             if svc.state in ("starting", "up"):
                 if svc.proc.poll() is not None:
@@ -170,6 +177,7 @@ class ServiceManager:
             ok = bool(args.get("ok"))
             p.on_reply(ok, args.get("result") if ok else SyscallError.from_wire(args.get("error")))
             return
+        p.last_heard = time.monotonic()
         if args.get("ok"):
             self.k.chan.send_multipart([p.identity, encode_reply(p.rid, args.get("result"), bool(args.get("more")))])
         else:

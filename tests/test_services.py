@@ -98,3 +98,12 @@ def test_admins_start_and_stop_services(start_kernel):
         assert root.svc_stop("echo") is True
         assert echo_state(root)["state"] == "stopped"
         assert errno_of(root.call, "echo", text="hi") == "ENOSYS"
+
+
+def test_a_call_the_service_never_answers_times_out_in_the_kernel(start_kernel):
+    k = start_kernel("--service", "echo", "--service-call-timeout", "1")
+    with k.client() as c:
+        wait_for(lambda: echo_state(c).get("state") == "up")
+        t0 = time.monotonic()
+        assert errno_of(c.call, "echo_hang") == "ETIMEDOUT"
+        assert time.monotonic() - t0 < 4                  # the kernel's deadline, before any heartbeat loss

@@ -19,6 +19,9 @@ def normpath(path: object, *, allow_root: bool = False) -> str:
     relative name (``..`` anywhere, NUL or other control characters, over-long names)."""
     if not isinstance(path, str):
         raise FsError("EINVAL", f"path must be a string, not {type(path).__name__}")
+    if path.startswith("/"):
+        raise FsError("EINVAL", f"path {path!r}: absolute paths are not allowed (paths are relative "
+                                f"to your namespace)")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     norm = "/".join(parts)
     if ".." in parts:

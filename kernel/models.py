@@ -64,10 +64,11 @@ class LoadDone:
 
 
 class ModelManager:
-    def __init__(self, cfg, device, make_engine):
+    def __init__(self, cfg, device, make_engine, park):
         self.cfg = cfg
         self.device = device
         self.make_engine = make_engine          # (entry, driver, kv_budget_bytes) -> Engine
+        self.park = park                        # (entry, nice) -> bool: its processes stepped aside
         self.entries: dict[str, ModelEntry] = {}
         self.done: queue.SimpleQueue[LoadDone] = queue.SimpleQueue()
         free = device.free_bytes()
@@ -123,25 +124,28 @@ class ModelManager:
         return 2 if self.device.kind == "cuda" else 4
 
     # -- faults and loads ---------------------------------------------------------------------
-    def fault(self, entry: ModelEntry, pin: bool = False) -> bool:
-        """True if ``entry`` is on the device; else start loading it (once) and return False."""
+    def fault(self, entry: ModelEntry, pin: bool = False, nice: int = 0) -> bool:
+        """True if ``entry`` is on the device; else start loading it (once) and return False.
+        ``nice`` is the priority of who needs it: busy models whose processes are all less
+        important may be taken for it."""
         entry.last_used = time.monotonic()
         entry.pinned = entry.pinned or pin
         if entry.where == "device":
             return True
         if not entry.loading:
             self.check_fits(entry)
-            if self.make_room(entry):
+            if self.make_room(entry, nice):
                 entry.loading = True
                 threading.Thread(target=self._load, args=(entry,), name=f"llmos-load-{entry.name}",
                                  daemon=True).start()
         return False
 
-    def retry_waiting(self, waiting: list[ModelEntry]) -> None:
-        """Models that could not fit earlier try again (called when processes end)."""
-        for entry in waiting:
+    def retry_waiting(self, waiting: dict[ModelEntry, int]) -> None:
+        """Models that could not fit earlier try again (called when processes end), each with
+        the priority of its most important waiting process."""
+        for entry, nice in waiting.items():
             if not entry.loading and entry.where != "device":
-                self.fault(entry)
+                self.fault(entry, nice=nice)
 
     def _load(self, entry: ModelEntry) -> None:
         from llmos.drivers.model import ModelDriver
@@ -220,14 +224,25 @@ class ModelManager:
                                          f"+ minimal KV); the device budget is {self.device_budget} "
                                          f"(reserve {self.reserve}, pinned models {pinned})")
 
-    def make_room(self, entry: ModelEntry) -> bool:
-        """Evict idle models until ``entry`` fits — those last used by the least important
-        processes first, then least recently used; False if it must wait for busy ones."""
+    def make_room(self, entry: ModelEntry, nice: int = 0) -> bool:
+        """Evict models until ``entry`` fits: idle ones first — those last used by the least
+        important processes, then least recently used — then busy ones whose processes are all
+        less important than ``nice`` (they are preempted for recompute and wait for their
+        model, like any preemption). False if it must wait."""
         need = entry.weight_bytes + self.min_kv_bytes(entry)
-        victims = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
-                          and e is not entry and not _in_use(e)), key=lambda e: (-e.nice, e.last_used))
-        while self.free_bytes() < need and victims:
-            self.evict(victims.pop(0))
+        order = lambda e: (-e.nice, e.last_used)  # noqa: E731
+        others = [e for e in self.entries.values() if e.where == "device" and not e.pinned and e is not entry]
+        idle = sorted((e for e in others if not _in_use(e)), key=order)
+        busy = sorted((e for e in others if _in_use(e)), key=order)
+        while self.free_bytes() < need and idle:
+            self.evict(idle.pop(0))
+        if self.free_bytes() < need and self.free_bytes() + sum(
+                e.weight_bytes + e.engine.kv_bytes for e in busy) >= need:
+            for e in busy:
+                if self.free_bytes() >= need:
+                    break
+                if self.park(e, nice):
+                    self.evict(e)
         return self.free_bytes() >= need
 
     def evict(self, entry: ModelEntry) -> None:

@@ -35,6 +35,7 @@ class ProcSpace:
         self.model_of: dict[int, ModelEntry] = {}        # pid -> its model
         self.faulted: dict[int, object] = {}             # pid -> Process waiting for its model
         self.load_waiters: dict[str, list] = {}          # model name -> model_load calls
+        self.parked_state: dict[int, ProcState] = {}     # pid -> its state when its model left
         self.next_pid = 1
         if self.cfg.model is not None:
             self._boot()
@@ -44,7 +45,7 @@ class ProcSpace:
         from llmos.drivers.device import detect
         cfg = self.cfg
         self.device = detect(cfg.device)
-        self.models = ModelManager(cfg, self.device, self._make_engine)
+        self.models = ModelManager(cfg, self.device, self._make_engine, self._park)
         builtin = cfg.model == "default"
         name = DEFAULT_NAME if builtin else cfg.model
         path = ensure_default_model(cfg.state_dir) if builtin else cfg.model
@@ -108,8 +109,34 @@ class ProcSpace:
                         self.fail(pid, err.message)
                         continue
                     del self.faulted[pid]
-                    entry.engine.sched.add(proc)
-                    entry.engine.idle = False
+                    self._readmit(entry.engine, proc)
+
+    def _park(self, entry: ModelEntry, nice: int) -> bool:
+        """The model manager wants ``entry``'s device memory for a process of priority ``nice``:
+        if every live process of ``entry`` is less important, preempt them all for recompute
+        (each is told first) and let them wait for their model like a page fault."""
+        sched = entry.engine.sched
+        if any(p.nice <= nice for p in sched.procs.values() if p.is_alive):
+            return False
+        for pid, proc in list(sched.procs.items()):
+            if proc.is_alive:
+                self._event(pid, {"event": "preempted", "mode": "recompute"})
+                self.parked_state[pid] = proc.state
+            sched.detach(pid)
+            if proc.is_alive:
+                proc.state = ProcState.BLOCKED
+            self.faulted[pid] = proc
+        return True
+
+    def _readmit(self, engine: Engine, proc) -> None:
+        """Back on its model's scheduler, in the state it was parked in (if it was parked)."""
+        prior = self.parked_state.pop(proc.pid, None)
+        engine.sched.add(proc)
+        if prior is ProcState.STOPPED:
+            engine.sched.stop(proc.pid)
+        elif prior is ProcState.BLOCKED:        # an interactive process between turns
+            engine.sched.finish(proc.pid, self.io[proc.pid].finish_reason or "stop")
+        engine.idle = False
 
     def fail(self, pid: int, message: str) -> None:
         """End a process because of an error that is not its fault; it keeps its output so far."""
@@ -215,7 +242,12 @@ class ProcSpace:
         if self.faulted.pop(pid, None) is None:
             entry.engine.sched.release(pid)
         # A model that was waiting for room may fit now that this one's process is gone.
-        self.models.retry_waiting({self.model_of[p] for p, proc in self.faulted.items() if proc.is_alive})
+        waiting: dict[ModelEntry, int] = {}
+        for p, proc in self.faulted.items():
+            if proc.is_alive:
+                e = self.model_of[p]
+                waiting[e] = min(waiting.get(e, proc.nice), proc.nice)
+        self.models.retry_waiting(waiting)
         return result
 
     def _event(self, pid: int, event: dict) -> None:
@@ -233,7 +265,7 @@ class ProcSpace:
         self.model_of[proc.pid] = entry
         entry.nice = proc.nice
         self.io[proc.pid] = ProcIO(decode=lambda ids, tok=entry.tokenizer: text.decode(tok, ids), stop=stop)
-        if self.models.fault(entry):
+        if self.models.fault(entry, nice=proc.nice):
             if proc.adapter is not None:
                 try:
                     self.ensure_adapter(entry.engine, proc.adapter)

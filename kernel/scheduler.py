@@ -323,6 +323,18 @@ class Scheduler:
         proc.turn_start, proc.finish_reason = proc.num_tokens, None
         proc.state = ProcState.SWAPPED if proc.host_block_ids else ProcState.READY
 
+    def detach(self, pid: int) -> Process:
+        """Take a process out of this scheduler because its model is leaving the device: all
+        its KV is freed (preempted for recompute: output stays exact) and it is no longer
+        scheduled here. Returns the PCB, state unchanged; ``add`` it again to resume."""
+        proc = self.get(pid)
+        if proc.is_alive:
+            self.block_manager.free(proc)
+            proc.num_computed_tokens = 0
+            proc.num_preemptions += 1
+            proc.num_recomputes += 1
+        return self.procs.pop(pid)
+
     def release(self, pid: int) -> Process:
         """Reap a zombie: remove it from the table and return its PCB."""
         proc = self.get(pid)

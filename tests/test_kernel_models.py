@@ -141,3 +141,44 @@ def test_models_of_less_important_users_are_evicted_first(start_kernel, tiny_mod
         assert (where(c, older), where(c, newer), where(c, third)) == ("device", "host", "device")
 
 
+
+
+def test_a_load_takes_a_busy_model_only_from_less_important_processes(start_kernel, tiny_models):
+    k = start_kernel(*ARGS, *TWO_MODELS, model=tiny_models["llama"])
+    a, b = tiny_models["mistral"], tiny_models["qwen2"]
+    pa, pb = prompt_of(7, offset=5), prompt_of(6, offset=9)
+    with k.client() as c:
+        low = c.spawn(model=a, prompt_ids=pa, max_tokens=40, priority=10, ignore_eos=True)
+        next(iter(c.read(low)))                                  # a is busy generating
+        urgent = c.spawn(model=b, prompt_ids=pb, max_tokens=8, priority=-10, ignore_eos=True)
+        assert c.wait(urgent)["token_ids"] == hf_greedy(b, pb, 8)  # b got a's place...
+        r = c.wait(low)                                          # ...and a came back for its process
+        assert r["token_ids"] == hf_greedy(a, pa, 40)            # exact after recompute
+        assert r["accounting"]["recomputes"] >= 1
+        assert {"event": "preempted", "mode": "recompute"} in r["events"]
+        # a more important process is never pushed aside: the other model waits instead
+        vip = c.spawn(model=a, prompt_ids=pa, max_tokens=100, priority=-10, ignore_eos=True, interactive=True)
+        next(iter(c.read(vip)))
+        waiting = c.spawn(model=b, prompt_ids=pb, max_tokens=4, priority=0, ignore_eos=True)
+        time.sleep(0.3)
+        assert c.pinfo(waiting)["state"] == "BLOCKED" and c.pinfo(vip)["preemptions"] == 0
+        c.kill(vip, "KILL")
+        c.wait(vip)
+        assert c.wait(waiting)["token_ids"] == hf_greedy(b, pb, 4)
+
+
+def test_a_parked_conversation_comes_back_between_turns(start_kernel, tiny_models):
+    k = start_kernel(*ARGS, *TWO_MODELS, model=tiny_models["llama"])
+    a, b = tiny_models["mistral"], tiny_models["qwen2"]
+    p1, p2 = prompt_of(6, offset=1), prompt_of(4, offset=2)
+    with k.client() as c:
+        chat = c.spawn(model=a, prompt_ids=p1, max_tokens=6, priority=10, ignore_eos=True, interactive=True)
+        out1 = [t for f in c.read(chat) for t in f["token_ids"]]
+        c.wait(c.spawn(model=b, prompt_ids=[10, 11], max_tokens=2, priority=-10))   # takes a's place
+        wait_until = time.monotonic() + 20
+        while c.pinfo(chat)["preemptions"] == 0 or where(c, a) != "device":     # a returns for it
+            assert time.monotonic() < wait_until
+            time.sleep(0.05)
+        assert c.pinfo(chat)["state"] == "BLOCKED"                                 # still between turns
+        c.write(chat, ids=p2)
+        assert c.wait(chat)["token_ids"] == hf_greedy(a, p1 + out1 + p2, 6)

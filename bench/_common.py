@@ -126,3 +126,27 @@ def first_token_latency(c, pid: int, t0: float) -> float:
 
 def med(xs) -> float:
     return statistics.median(xs)
+
+
+def start_service_kernel(*services: str, timeout: float = 120.0) -> KernelProc:
+    """A kernel without a model, running the named services; returns once all are ``up``."""
+    import time
+    flags = [f for name in services for f in ("--service", name)]
+    k = KernelProc(*flags).start(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    with k.client() as c:
+        while True:
+            up = {row["name"] for row in c.svc_list() if row["state"] == "up"}
+            if up >= set(services):
+                return k
+            if time.monotonic() > deadline:
+                k.cleanup()
+                raise RuntimeError(f"services {sorted(set(services) - up)} did not come up")
+            time.sleep(0.05)
+
+
+def percentile(xs, q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``xs``, nearest-rank."""
+    import math
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]

@@ -16,16 +16,9 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from llmos.services.durable import fsync_dir
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TempBlob:

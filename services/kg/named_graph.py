@@ -23,7 +23,8 @@ import networkx as nx
 
 from llmos.services.kg.errors import KgError
 from llmos.services.kg.triples import Entity, Triple, entity_key
-from llmos.services.kg.wal import WriteAheadLog, fsync_dir, read_snapshot, write_snapshot
+from llmos.services.durable import fsync_dir
+from llmos.services.kg.wal import WriteAheadLog, read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
 

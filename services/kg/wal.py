@@ -16,16 +16,9 @@ import json
 import os
 import zlib
 from pathlib import Path
+
+from llmos.services.durable import fsync_dir
 from llmos.services.kg.errors import KgError
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a created or renamed file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _encode(record: dict) -> bytes:

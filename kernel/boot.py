@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zmq
 
+from llmos import hostmem
 from llmos.kernel.loop import Kernel, KernelConfig
 from llmos.kernel.security import UserDB, write_private
 from llmos.syscalls import abi, locate
@@ -157,6 +158,7 @@ def setup_logging(state: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     check_endpoint(cfg.socket)
+    hostmem.keep_large_buffers()
     users = prepare_state_dir(cfg.state_dir)
     pidfile = take_pidfile(cfg.state_dir, cfg.socket)
     setup_logging(cfg.state_dir)

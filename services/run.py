@@ -13,6 +13,8 @@ import importlib.metadata
 import logging
 import sys
 
+from llmos import hostmem
+
 # name -> "module:Class" of the services shipped with llmos (the kernel lists the same names
 # in kernel/syssvc.py BUILTIN_SERVICES; a test keeps the two equal)
 BUILTIN: dict[str, str] = {"fs": "llmos.services.fs.service:FsService",
@@ -33,6 +35,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(argv) != 1:
         raise SystemExit("usage: python -m llmos.services.run NAME")
+    hostmem.keep_large_buffers()
     find(argv[0])().run()
     return 0
 

@@ -61,6 +61,7 @@ class ModelDriver:
             device_map=str(self.device.torch_device))
         self.model.eval()
         self.config = self.model.config
+        _refuse_unsupported(self.config)
         self.architecture = (self.config.architectures or [type(self.model).__name__])[0]
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.dtype = _dtype_name(torch_dtype)
@@ -196,3 +197,15 @@ class ModelDriver:
     def __repr__(self) -> str:
         return (f"ModelDriver({self.name!r}, {self.architecture}, {self.dtype}, "
                 f"device={self.device.torch_device})")
+
+
+def _refuse_unsupported(config) -> None:
+    """Models whose logits are rescaled after the LM head would come out silently wrong here
+    (the driver applies the LM head itself): refuse them at load, clearly."""
+    text = config.get_text_config()
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        value = getattr(text, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{type(config).__name__} with {attr}={value} is not supported yet "
+                             f"(logits rescaled after the LM head)")
+

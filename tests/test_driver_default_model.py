@@ -92,3 +92,17 @@ def test_unknown_architecture_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture"):
         make_tiny_model("bloom", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_models_with_rescaled_logits_are_refused_at_load(tmp_path):
+    """Gemma2 soft-caps its final logits; the driver would silently skip that, so it refuses."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from llmos.drivers.default_model import build_tokenizer
+    from llmos.drivers.model import ModelDriver
+    tok = build_tokenizer(tmp_path)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        ModelDriver(str(tmp_path), device="cpu")

@@ -201,11 +201,12 @@ class ModelDriver:
 
 def _refuse_unsupported(config) -> None:
     """Models whose logits are rescaled after the LM head would come out silently wrong here
-    (the driver applies the LM head itself): refuse them at load, clearly."""
+    (the driver applies the LM head itself), and soft-capped attention is not in the paged
+    backends yet: refuse them at load, clearly."""
     text = config.get_text_config()
-    for attr in ("final_logit_softcapping", "logit_scale"):
+    for attr in ("final_logit_softcapping", "logit_scale", "attn_logit_softcapping"):
         value = getattr(text, attr, None)
         if value not in (None, 1, 1.0):
             raise ValueError(f"{type(config).__name__} with {attr}={value} is not supported yet "
-                             f"(logits rescaled after the LM head)")
+                             f"(logits rescaled after the LM head, or soft-capped attention)")
 

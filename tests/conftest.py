@@ -17,8 +17,27 @@ from pathlib import Path
 
 import pytest
 
-from llmos import connect
+from llmos import SyscallError, connect
 from llmos.syscalls import locate
+
+
+def errno_of(fn, *args, **kwargs) -> str:
+    """The errno a call is refused with (its message must say why)."""
+    with pytest.raises(SyscallError) as e:
+        fn(*args, **kwargs)
+    assert e.value.message
+    return e.value.errno
+
+
+def wait_for(pred, timeout: float = 20.0, every: float = 0.05):
+    """Poll ``pred`` until it returns something true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
 
 
 class KernelProc:

@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from llmos import SyscallError
-from test_services import wait_for
+from conftest import errno_of, wait_for
 
 
 def fs_up(c) -> bool:
@@ -21,12 +21,6 @@ def fs_kernel(start_kernel, monkeypatch):
         k.alice = k.client(root.user_add("alice")["token"])
         k.bob = k.client(root.user_add("bob")["token"])
     return k
-
-
-def errno_of(fn, *a, **kw) -> str:
-    with pytest.raises(SyscallError) as e:
-        fn(*a, **kw)
-    return e.value.errno
 
 
 def test_builtin_service_names_agree_between_kernel_and_runner():

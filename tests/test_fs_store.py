@@ -1,6 +1,5 @@
 """The file store's storage engine: blobs, namespaces, shares, quotas, streaming, crash safety."""
 import hashlib
-import os
 import random
 import signal
 import subprocess

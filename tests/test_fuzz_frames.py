@@ -6,7 +6,6 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmos.syscalls import abi
 from llmos.syscalls.table import SYSCALLS
 
 FRAMES_PER_EXAMPLE = 50

@@ -3,10 +3,9 @@ import json
 import shutil
 import time
 
-import pytest
 
+from conftest import errno_of
 from fixtures_models import hf_greedy, prompt_of, tiny_models  # noqa: F401
-from llmos import SyscallError
 
 # ~0.7-1.0 MB of weights per tiny model, 32 KV blocks of 4 tokens each (~65 KB):
 # 2 MB of device budget holds the boot model and exactly one more.
@@ -16,13 +15,6 @@ TWO_MODELS = ("--device-budget", str(2_000_000))
 
 def where(c, name) -> str:
     return {m["name"]: m["where"] for m in c.models()}.get(name, "unknown")
-
-
-def errno_of(fn, *a, **kw) -> str:
-    with pytest.raises(SyscallError) as e:
-        fn(*a, **kw)
-    assert e.value.message
-    return e.value.errno
 
 
 def test_spawn_on_a_model_not_resident_is_a_page_fault(start_kernel, tiny_models):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import KernelProc
+from conftest import KernelProc, errno_of
 from fixtures_models import prompt_of, tiny_models  # noqa: F401
 from llmos import SyscallError
 
@@ -15,13 +15,6 @@ ARGS = ("--device", "cpu", "--dtype", "float32", "--kv-blocks", "64", "--block-s
 @pytest.fixture
 def k(start_kernel, tiny_models):
     return start_kernel(*ARGS, "--max-procs-per-user", "3", "--kv-quota-blocks", "20", model=tiny_models["llama"])
-
-
-def errno_of(fn, *a, **kw) -> str:
-    with pytest.raises(SyscallError) as e:
-        fn(*a, **kw)
-    assert e.value.message
-    return e.value.errno
 
 
 def test_another_users_processes_are_invisible_and_untouchable(k):

@@ -6,7 +6,7 @@ import pytest
 
 from llmos import SyscallError
 from fixtures_models import tiny_models  # noqa: F401
-from test_services import wait_for
+from conftest import wait_for
 
 
 def kg_up(c, restarts=0) -> bool:

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from llmos.drivers.batch import SamplingParams
 from llmos.kernel.proc import ProcState
-from llmos.kernel.scheduler import Event, SchedulerConfig
+from llmos.kernel.scheduler import Event
 from sched_factories import (TOKEN, check_scheduler_invariants, chunk_of, make_config, make_proc,
                              make_scheduler, run_step, run_until_done, unique_tokens)
 

@@ -3,17 +3,8 @@ import time
 
 import pytest
 
-from llmos import SyscallError, connect
-
-
-def wait_for(pred, timeout=20.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
+from conftest import errno_of, wait_for
+from llmos import connect
 
 
 def echo_state(c) -> dict:
@@ -26,13 +17,6 @@ def svc_kernel(start_kernel):
     with k.client() as c:
         wait_for(lambda: echo_state(c).get("state") == "up")
     return k
-
-
-def errno_of(fn, *a, **kw) -> str:
-    with pytest.raises(SyscallError) as e:
-        fn(*a, **kw)
-    assert e.value.message
-    return e.value.errno
 
 
 def test_a_plugin_service_serves_its_calls_with_the_callers_verified_identity(svc_kernel):

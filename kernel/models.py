@@ -19,7 +19,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.syscalls.errors import SyscallError
@@ -139,6 +139,19 @@ class ModelManager:
                 threading.Thread(target=self._load, args=(entry,), name=f"llmos-load-{entry.name}",
                                  daemon=True).start()
         return False
+
+    def load_now(self, entry: ModelEntry) -> SyscallError | None:
+        """Boot: read (and, for a hub id, fetch) the model, load it on this thread and pin it —
+        the kernel starts with it. Returns the error, if any."""
+        try:
+            self._read_meta(entry, local_only=False)      # only boot may use the network
+            self.check_fits(entry)
+        except SyscallError as err:
+            return err
+        entry.loading, entry.pinned = True, True
+        self._load(entry)
+        (done,) = self.poll_loads()
+        return done.error
 
     def retry_waiting(self, waiting: dict[ModelEntry, int]) -> None:
         """Models that could not fit earlier try again (called when processes end), each with

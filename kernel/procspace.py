@@ -50,14 +50,10 @@ class ProcSpace:
         name = DEFAULT_NAME if builtin else cfg.model
         path = ensure_default_model(cfg.state_dir) if builtin else cfg.model
         entry = self.models.entries.setdefault(name, ModelEntry(name, path, random_weights=builtin))
-        self.models._read_meta(entry, local_only=False)  # boot may fetch a hub model; the loop never does
-        self.default = self.models.resolve(name)
-        self.models.check_fits(entry)
-        entry.loading, entry.pinned = True, True         # the boot model stays
-        self.models._load(entry)                         # synchronously: the kernel starts with it
-        (done,) = self.models.poll_loads()
-        if done.error is not None:
-            raise SystemExit(f"llmos: {done.error.message}")
+        error = self.models.load_now(entry)
+        if error is not None:
+            raise SystemExit(f"llmos: {error.message}")
+        self.default = entry
 
     def _make_engine(self, entry: ModelEntry, driver, free_bytes: int) -> Engine:
         from llmos.kernel.scheduler import Scheduler, SchedulerConfig

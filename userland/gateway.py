@@ -1,0 +1,423 @@
+"""An OpenAI-compatible HTTP gateway: a userland program that serves ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/models`` from a kernel through the syscall ABI only.
+
+A bearer token is an llmos user token: requests run as that user, under its quotas. Each
+choice of a request is one kernel process, streamed by a worker thread (``read``, then ``wait``
+for its usage) into one asyncio queue; the event loop never blocks on the ABI. A client that
+goes away mid-stream has its processes killed. See docs/gateway.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmos.syscalls import locate
+from llmos.syscalls.client import Client
+from llmos.syscalls.errors import SyscallError
+from llmos.userland.gateway_metrics import GatewayMetrics
+from llmos.userland.gateway_request import ApiError, Job, parse_job
+
+log = logging.getLogger("llmos.gateway")
+
+TRANSPORT_ERRNOS = {"ECONNREFUSED", "ETIMEDOUT", "ECONNRESET"}     # the client is unusable afterwards
+HTTP_STATUS = {"EINVAL": 400, "E2BIG": 400, "EMSGSIZE": 413, "EACCES": 401, "EPERM": 403, "ENOENT": 404,
+               "ESRCH": 404, "EAGAIN": 429, "EDQUOT": 429, "ENOMEM": 503, "EBUSY": 503}
+MODELS_TTL_S = 1.0
+
+
+def api_error_of(err: SyscallError) -> ApiError:
+    """The HTTP answer to a kernel refusal."""
+    if err.errno in TRANSPORT_ERRNOS:
+        return ApiError(503, f"kernel unavailable: {err.message}", "server_error", code="kernel_unavailable")
+    status = HTTP_STATUS.get(err.errno, 500)
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return ApiError(status, err.message, kind, code=err.errno)
+
+
+class ClientPool:
+    """Idle ABI clients per token. A Client is not thread-safe, so each is lent to one thread
+    at a time and given back after the call; one that saw a transport error is closed."""
+
+    def __init__(self, socket: str, timeout: float = 30.0):
+        self.socket, self.timeout = socket, timeout
+        self._idle: dict[str, list[Client]] = {}
+        self._known_tokens: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def client(self, token: str):
+        with self._lock:
+            idle = self._idle.get(token)
+            c = idle.pop() if idle else None
+        c = c or Client(self.socket, token, timeout=self.timeout)
+        try:
+            yield c
+        except SyscallError as err:
+            self._release(token, c, keep=err.errno not in TRANSPORT_ERRNOS)
+            raise
+        except BaseException:
+            self._release(token, c, keep=False)
+            raise
+        self._release(token, c, keep=True)
+
+    def _release(self, token: str, c: Client, keep: bool) -> None:
+        if keep:
+            with self._lock:
+                self._idle.setdefault(token, []).append(c)
+        else:
+            c.close()
+
+    def check(self, token: str) -> None:
+        """Raises EACCES unless the kernel knows ``token``; known tokens are remembered."""
+        if token in self._known_tokens:
+            return
+        try:
+            with self.client(token) as c:
+                c.whoami()
+        except SyscallError as err:
+            if err.errno == "EACCES":
+                with self._lock:
+                    for c in self._idle.pop(token, []):
+                        c.close()
+            raise
+        with self._lock:
+            self._known_tokens.add(token)
+
+    def close(self) -> None:
+        with self._lock:
+            for clients in self._idle.values():
+                for c in clients:
+                    c.close()
+            self._idle.clear()
+
+
+class Generation:
+    """The kernel processes of one request, each pumped by a worker thread into one queue as
+    ("delta", index, text, num_tokens) ... ("done", index, wait_result) or ("error", index, exc)."""
+
+    def __init__(self, gw: "Gateway", token: str, job: Job, pids: list[int], t0: float):
+        self.gw, self.token, self.job, self.pids, self.t0 = gw, token, job, pids, t0
+        self.live_pids = set(pids)
+        self.results: dict[int, dict] = {}
+
+    async def events(self):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, pid in enumerate(self.pids):
+            loop.run_in_executor(self.gw.executor, self._pump, i, pid,
+                                 lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        while self.live_pids:
+            item = await queue.get()
+            if item[0] == "error":
+                raise item[2]
+            if item[0] == "done":
+                self.live_pids.discard(self.pids[item[1]])
+                self.results[item[1]] = item[2]
+                if item[2].get("finish_reason") == "error":
+                    msg = next((e.get("message") for e in item[2].get("events", []) if e.get("event") == "error"), "")
+                    raise ApiError(503, f"generation failed: {msg}", "server_error", code="generation_failed")
+            yield item
+
+    def _pump(self, index: int, pid: int, put) -> None:
+        m, prio = self.gw.metrics, str(self.job.priority)
+        try:
+            with self.gw.pool.client(self.token) as c:
+                last = None
+                for frame in c.read(pid):
+                    num = len(frame.get("token_ids") or [])
+                    now = time.monotonic()
+                    if num:
+                        if last is None:
+                            m.ttft.labels(prio).observe(now - self.t0)
+                        else:
+                            for _ in range(num):
+                                m.itl.labels(prio).observe((now - last) / num)
+                        last = now
+                    if frame.get("text"):
+                        put(("delta", index, frame["text"], num))
+                put(("done", index, c.wait(pid)))
+        except BaseException as exc:     # noqa: BLE001 - handed to the request, never lost
+            put(("error", index, exc))
+
+    def abandon(self) -> None:
+        """Kill what still runs (the client went away or the request failed); pumps then reap them."""
+        for pid in list(self.live_pids):
+            self.gw.executor.submit(self.gw.kill, self.token, pid)
+        self.live_pids.clear()
+
+    def usage(self) -> dict:
+        done = [self.results[i].get("usage") or {} for i in sorted(self.results)]
+        prompt = done[0].get("prompt_tokens", 0) if done else 0
+        completion = sum(u.get("completion_tokens", 0) for u in done)
+        self.gw.metrics.tokens_in.labels(self.job.model).inc(prompt)
+        self.gw.metrics.tokens_out.labels(self.job.model).inc(completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": done[0].get("cached_tokens", 0) if done else 0}}
+
+
+class Gateway:
+    def __init__(self, socket: str | None = None, default_token: str | None = None,
+                 max_body_bytes: int = 1 << 20, max_workers: int = 128, metrics_token: str | None = None):
+        socket = socket or locate.default_socket()
+        self.pool = ClientPool(socket)
+        self.default_token = default_token
+        self.metrics_token = metrics_token or default_token or locate.saved_token()
+        self.max_body_bytes = max_body_bytes
+        self.executor = ThreadPoolExecutor(max_workers, thread_name_prefix="llmos-gateway")
+        self.metrics = GatewayMetrics(self.kernel_figures)
+        self._models: tuple[float, list[dict]] = (0.0, [])
+
+    # -- blocking helpers (worker threads) ---------------------------------------------------
+    def kill(self, token: str, pid: int) -> None:
+        try:
+            with self.pool.client(token) as c:
+                c.kill(pid, "KILL")
+        except SyscallError:
+            pass                  # already ended: the pump reaps it
+
+    def model_list(self, token: str) -> list[dict]:
+        at, models = self._models
+        if time.monotonic() - at > MODELS_TTL_S:
+            with self.pool.client(token) as c:
+                models = c.uname()["models"]
+            self._models = (time.monotonic(), models)
+        return models
+
+    def spawn_all(self, token: str, job: Job) -> list[int]:
+        pids: list[int] = []
+        try:
+            with self.pool.client(token) as c:
+                for seed in job.seeds():
+                    pids.append(c.spawn(**job.spawn_args, seed=seed))
+        except BaseException:
+            for pid in pids:
+                self.kill(token, pid)
+                self.executor.submit(self._reap, token, pid)
+            raise
+        return pids
+
+    def _reap(self, token: str, pid: int) -> None:
+        try:
+            with self.pool.client(token) as c:
+                c.wait(pid, timeout=30.0)
+        except SyscallError:
+            pass
+
+    def kernel_figures(self) -> dict:
+        if not self.metrics_token:
+            return {}
+        replies = {}
+        with self.pool.client(self.metrics_token) as c:
+            for call in ("stat", "meminfo", "models", "free"):
+                try:
+                    replies[call] = c.call(call)
+                except SyscallError as err:
+                    if err.errno in TRANSPORT_ERRNOS:
+                        raise
+        return replies
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- request plumbing ----------------------------------------------------------------------
+    async def authorize(self, request) -> str:
+        header = request.headers.get("authorization")
+        if header is None and self.default_token is None:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer <llmos token>)",
+                           "authentication_error", code="invalid_api_key")
+        token = self.default_token if header is None else header.partition(" ")[2].strip()
+        if header is not None and (header.split(" ")[0].lower() != "bearer" or not token):
+            raise ApiError(401, "the Authorization header must be 'Bearer <llmos token>'",
+                           "authentication_error", code="invalid_api_key")
+        try:
+            await self.run(self.pool.check, token)
+        except SyscallError as err:
+            if err.errno == "EACCES":
+                raise ApiError(401, "invalid token", "authentication_error", code="invalid_api_key") from None
+            raise
+        return token
+
+    async def json_body(self, request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+            raise ApiError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                raise ApiError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def generate(self, request, chat: bool):
+        t0 = time.monotonic()
+        token = await self.authorize(request)
+        job = parse_job(await self.json_body(request), chat)
+        if job.model not in {m["name"] for m in await self.run(self.model_list, token)}:
+            raise ApiError(404, f"the model {job.model!r} does not exist", param="model", code="model_not_found")
+        gen = Generation(self, token, job, await self.run(self.spawn_all, token, job), t0)
+        if job.stream:
+            return StreamingResponse(self.stream(gen, t0), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            async for _ in gen.events():
+                pass
+        finally:
+            gen.abandon()
+        choices = [job.choice(i, gen.results[i]["text"], gen.results[i]["finish_reason"]) for i in range(job.n)]
+        return JSONResponse(job.envelope(choices, usage=gen.usage()))
+
+    async def stream(self, gen: Generation, t0: float):
+        job = gen.job
+        try:
+            for i in range(job.n):
+                yield _sse(job.envelope([job.delta(i, "", None, first=True)], stream=True))
+            async for ev in gen.events():
+                if ev[0] == "delta":
+                    yield _sse(job.envelope([job.delta(ev[1], ev[2], None)], stream=True))
+                else:
+                    yield _sse(job.envelope([job.delta(ev[1], "", ev[2]["finish_reason"])], stream=True))
+            usage = gen.usage()
+            if job.include_usage:
+                yield _sse(job.envelope([], stream=True, usage=usage))
+        except ApiError as err:
+            yield _sse(err.body())
+        except SyscallError as err:
+            yield _sse(api_error_of(err).body())
+        finally:
+            gen.abandon()
+            self.metrics.request_seconds.labels(job.endpoint).observe(time.monotonic() - t0)
+        yield "data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# -- the application -----------------------------------------------------------------------------
+def make_app(socket: str | None = None, default_token: str | None = None, max_body_bytes: int = 1 << 20,
+             max_workers: int = 128, metrics_token: str | None = None) -> Starlette:
+    """The gateway as an ASGI app. ``default_token`` serves requests without an Authorization
+    header (else they are refused); kernel metrics are read with ``metrics_token``, else
+    ``default_token``, else the local user's saved token."""
+    gw = Gateway(socket, default_token, max_body_bytes, max_workers, metrics_token)
+
+    def endpoint(name: str, fn):
+        async def handle(request):
+            t0 = time.monotonic()
+            gw.metrics.in_flight.inc()
+            try:
+                response = await fn(request)
+            except ApiError as err:
+                response = _error(err)
+            except SyscallError as err:
+                response = _error(api_error_of(err))
+            except Exception:      # a gateway bug: logged here, never a traceback to the client
+                log.exception("error serving %s", name)
+                response = _error(ApiError(500, "internal gateway error", "server_error"))
+            finally:
+                gw.metrics.in_flight.dec()
+            gw.metrics.requests.labels(name, str(response.status_code)).inc()
+            if not isinstance(response, StreamingResponse):
+                gw.metrics.request_seconds.labels(name).observe(time.monotonic() - t0)
+            return response
+        return handle
+
+    async def chat(request):
+        return await gw.generate(request, chat=True)
+
+    async def completions(request):
+        return await gw.generate(request, chat=False)
+
+    async def models(request):
+        token = await gw.authorize(request)
+        rows = await gw.run(gw.model_list, token)
+        data = [{"id": m["name"], "object": "model", "created": 0, "owned_by": "llmos"} for m in rows]
+        wanted = request.path_params.get("model")
+        if wanted is None:
+            return JSONResponse({"object": "list", "data": data})
+        for row in data:
+            if row["id"] == wanted:
+                return JSONResponse(row)
+        raise ApiError(404, f"the model {wanted!r} does not exist", param="model", code="model_not_found")
+
+    async def metrics(request):
+        body = await gw.run(generate_latest, gw.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def health(request):
+        figures = await gw.run(_kernel_alive, gw)
+        return JSONResponse({"status": "ok" if figures else "kernel unavailable"}, status_code=200 if figures else 503)
+
+    async def http_error(request, exc: HTTPException):
+        return _error(ApiError(exc.status_code, exc.detail or "error", code="not_found" if exc.status_code == 404 else None))
+
+    routes = [Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
+              Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
+              Route("/v1/models", endpoint("/v1/models", models), methods=["GET"]),
+              Route("/v1/models/{model:path}", endpoint("/v1/models", models), methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"]),
+              Route("/health", endpoint("/health", health), methods=["GET"])]
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        gw.executor.shutdown(wait=False, cancel_futures=True)
+        gw.pool.close()
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.gateway = gw
+    return app
+
+
+def _error(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _kernel_alive(gw: Gateway) -> bool:
+    if not gw.metrics_token:
+        return True        # nothing to ask the kernel with; the gateway itself is up
+    try:
+        with gw.pool.client(gw.metrics_token) as c:
+            c.nop()
+        return True
+    except SyscallError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(prog="llmos serve-http", description="OpenAI-compatible HTTP gateway to a kernel")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--socket", default=None, help="kernel endpoint (default: $LLMOS_SOCKET, else the local kernel)")
+    ap.add_argument("--token", default=None, help="llmos token for requests without an Authorization header")
+    ap.add_argument("--metrics-token", default=None, help="token for kernel figures on /metrics (default: --token, "
+                                                          "else the saved local token)")
+    ap.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    ap.add_argument("--workers", type=int, default=128, help="threads making ABI calls (each stream holds one)")
+    args = ap.parse_args(argv)
+    socket = args.socket or os.environ.get("LLMOS_SOCKET")
+    app = make_app(socket, args.token, args.max_body, args.workers, args.metrics_token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -16,8 +16,7 @@ log = logging.getLogger("llmos.kernel")
 HEADER = "Facts you know:\n"
 
 
-def spawn_with_facts(k, call, spawn) -> object:
-    a = call.args
+def spawn_with_facts(k, call, spawn, a: dict) -> object:
     kg = a["kg"]
     if not (kg is True or (isinstance(kg, str) and 0 < len(kg) <= 64)):
         raise SyscallError("EINVAL", "kg must be true or the name of a graph (mine, shared, all)")

@@ -23,7 +23,7 @@ from llmos.kernel.security import UserDB, write_private
 from llmos.syscalls import abi, locate
 
 PIDFILE = "kernel.pid"
-DEFAULT_SERVICES = ("fs", "kg")
+DEFAULT_SERVICES = ("fs", "kg", "tuner")
 
 
 def parse_args(argv: list[str] | None = None) -> KernelConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmos.kernel import sysinfo, sysmodel, sysproc, syssvc
+from llmos.kernel import sysinfo, sysmm, sysmodel, sysproc, syssvc, userfs
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.table import BY_NAME, SYSCALLS
 
@@ -42,6 +42,11 @@ _BY_NAME: dict[str, Callable] = {
     "svc_register": syssvc.sys_svc_register,
     "svc_heartbeat": syssvc.sys_svc_heartbeat,
     "svc_reply": syssvc.sys_svc_reply,
+    "svc_call": syssvc.sys_svc_call,
+    "mm_lease": sysmm.sys_mm_lease,
+    "mm_release": sysmm.sys_mm_release,
+    "mm_leases": sysmm.sys_mm_leases,
+    "feedback": userfs.sys_feedback,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmos.kernel.leases import LeaseTable
 from llmos.syscalls.errors import SyscallError
 
 log = logging.getLogger("llmos.kernel")
@@ -75,6 +76,7 @@ class ModelManager:
         self.device_budget = cfg.device_budget or int(free * 0.9)
         self.host_budget = cfg.host_budget if cfg.host_budget is not None else int(_host_available() * 0.5)
         self.reserve = int(self.device_budget * cfg.reserve_fraction)
+        self.leases = LeaseTable()             # device memory lent to services (the tuner)
         for alias, path in cfg.aliases.items():
             self.entries[alias] = ModelEntry(alias, path)
 
@@ -212,7 +214,7 @@ class ModelManager:
     def used_bytes(self) -> int:
         return sum(e.weight_bytes + e.engine.kv_bytes + e.engine.driver.adapter_bytes()["device"]
                    for e in self.entries.values() if e.where == "device") \
-            + sum(e.weight_bytes for e in self.entries.values() if e.loading)
+            + sum(e.weight_bytes for e in self.entries.values() if e.loading) + self.leases.used_bytes()
 
     def free_bytes(self) -> int:
         return self.device_budget - self.reserve - self.used_bytes()
@@ -249,6 +251,8 @@ class ModelManager:
         busy = sorted((e for e in others if _in_use(e)), key=order)
         while self.free_bytes() < need and idle:
             self.evict(idle.pop(0))
+        if self.free_bytes() < need and self.leases.revoke_for(nice, need - self.free_bytes()) >= need - self.free_bytes():
+            return False            # leases are being given back: the load waits for them
         if self.free_bytes() < need and self.free_bytes() + sum(
                 e.weight_bytes + e.engine.kv_bytes for e in busy) >= need:
             for e in busy:
@@ -256,6 +260,14 @@ class ModelManager:
                     break
                 if self.park(e, nice):
                     self.evict(e)
+        return self.free_bytes() >= need
+
+    def make_room_bytes(self, need: int) -> bool:
+        """Room for ``need`` bytes outside any model (a lease): idle models go, LRU first."""
+        idle = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
+                       and not _in_use(e)), key=lambda e: (-e.nice, e.last_used))
+        while self.free_bytes() < need and idle:
+            self.evict(idle.pop(0))
         return self.free_bytes() >= need
 
     def evict(self, entry: ModelEntry) -> None:

@@ -237,14 +237,19 @@ class ProcSpace:
         entry = self.model_of.pop(pid)
         if self.faulted.pop(pid, None) is None:
             entry.engine.sched.release(pid)
-        # A model that was waiting for room may fit now that this one's process is gone.
+        self.retry_faulted()
+        return result
+
+    def retry_faulted(self) -> None:
+        """Models that were waiting for room may fit now (a process ended, a lease came back)."""
+        if self.models is None:
+            return
         waiting: dict[ModelEntry, int] = {}
         for p, proc in self.faulted.items():
             if proc.is_alive:
                 e = self.model_of[p]
                 waiting[e] = min(waiting.get(e, proc.nice), proc.nice)
         self.models.retry_waiting(waiting)
-        return result
 
     def _event(self, pid: int, event: dict) -> None:
         io = self.io.get(pid)

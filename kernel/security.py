@@ -99,6 +99,12 @@ class UserDB:
         self._save()
         return token
 
+    def by_uid(self, uid: int) -> User:
+        for u in self.users.values():
+            if u.uid == uid:
+                return u
+        raise SyscallError("ENOENT", f"no user with uid {uid}")
+
     def name_of(self, uid: int) -> str:
         for u in self.users.values():
             if u.uid == uid:

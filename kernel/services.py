@@ -23,7 +23,7 @@ import msgpack
 from llmos.kernel.security import User, hash_token
 from llmos.syscalls.abi import encode_reply
 from llmos.syscalls.errors import SyscallError
-from llmos.syscalls.table import BY_NAME, Arg, Syscall
+from llmos.syscalls.table import BY_NAME, Arg, Syscall, check_args
 
 log = logging.getLogger("llmos.kernel")
 HEARTBEAT_TIMEOUT_S = 5.0
@@ -109,6 +109,9 @@ class ServiceManager:
                 del self.pending[kid]
                 err = SyscallError("ETIMEDOUT", f"service {p.service} did not answer within {limit:g}s")
                 p.on_reply(False, err) if p.on_reply else self.k.send_error(p.identity, p.rid, err)
+        mm = self.k.procs.models
+        if mm is not None and mm.leases.leases and mm.leases.expire():
+            self.k.procs.retry_faulted()
         for svc in self.services.values():
             if svc.state in ("starting", "up"):
                 if svc.proc.poll() is not None:
@@ -134,6 +137,9 @@ class ServiceManager:
                 p.on_reply(False, err) if p.on_reply else self.k.send_error(p.identity, p.rid, err)
         if time.monotonic() - svc.started_at > STABLE_S:
             svc.backoff = BACKOFF_MIN_S
+        if self.k.procs.models is not None:       # its memory leases die with it
+            self.k.procs.models.leases.drop_holder(svc.user.name)
+            self.k.procs.retry_faulted()
         svc.state, svc.identity = ("down" if restart else "stopped"), None
         svc.restart_at = time.monotonic() + svc.backoff if restart else None
         svc.backoff = min(BACKOFF_MAX_S, svc.backoff * 2)
@@ -198,7 +204,8 @@ class ServiceManager:
     def ask(self, name: str, args: dict, user: User, on_reply) -> None:
         """The kernel's own call to a service on behalf of ``user`` (e.g. facts for a spawn);
         ``on_reply(ok, result | SyscallError)`` runs on the loop when the answer comes."""
-        self._send(name, args, user, Pending(None, None, "", on_reply))
+        sc = self.lookup(name)
+        self._send(name, check_args(sc, args) if sc else args, user, Pending(None, None, "", on_reply))
 
     def _send(self, name: str, args: dict, user: User, pending: Pending) -> None:
         svc = self.routes.get(name)

@@ -61,7 +61,7 @@ def models_row(ps, e) -> dict:
     return {"name": e.name, "path": e.path, "architecture": (e.config.architectures or ["?"])[0],
             "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where,
             "loading": e.loading, "bytes": e.weight_bytes, "kv_bytes": e.engine.kv_bytes if e.engine else 0,
-            "pinned": e.pinned, "random_weights": e.random_weights,
+            "pinned": e.pinned, "random_weights": e.random_weights, "default": e is ps.default,
             "last_used_s_ago": round(time.monotonic() - e.last_used, 3) if e.last_used else None,
             "processes": sum(1 for p, m in ps.model_of.items() if m is e),
             "adapters": e.engine.driver.adapters() if e.engine else []}

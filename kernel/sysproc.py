@@ -9,7 +9,7 @@ import math
 import time
 
 from llmos.drivers.batch import SamplingParams
-from llmos.kernel import augment
+from llmos.kernel import augment, userfs
 from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.procio import PENDING_REPLY, ProcIO, Waiter
 from llmos.kernel.procspace import random_seed
@@ -80,9 +80,15 @@ def _check_ids(name: str, ids: list, vocab: int) -> frozenset:
 
 
 def sys_spawn(k, call):
-    if call.args["kg"] not in (None, False):
-        return augment.spawn_with_facts(k, call, spawn)     # replies when the facts are in
-    return spawn(k, call, call.args)
+    if userfs.is_store_path(call.args["adapter"]):            # replies when fs has exported it
+        return userfs.spawn_with_store_adapter(k, call, lambda a: _spawn_kg(k, call, a))
+    return _spawn_kg(k, call, call.args)
+
+
+def _spawn_kg(k, call, a: dict):
+    if a["kg"] not in (None, False):
+        return augment.spawn_with_facts(k, call, spawn, a)  # replies when the facts are in
+    return spawn(k, call, a)
 
 
 def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:

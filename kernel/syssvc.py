@@ -5,8 +5,9 @@ import importlib.metadata
 
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import check_args
 
-BUILTIN_SERVICES: tuple[str, ...] = ("fs", "kg")   # = llmos.services.run.BUILTIN (a test checks)
+BUILTIN_SERVICES: tuple[str, ...] = ("fs", "kg", "tuner")   # = llmos.services.run.BUILTIN (a test checks)
 
 
 def known_services() -> set[str]:
@@ -35,6 +36,20 @@ def sys_svc_heartbeat(k, call):
 def sys_svc_reply(k, call):
     k.services.relay(_caller_service(k, call), call.args)
     return PENDING_REPLY          # one-way: no answer to the service
+
+
+def sys_svc_call(k, call):
+    """A service calls another service's call as one of our users (checked as if they made it)."""
+    _caller_service(k, call)
+    name, uid = call.args["call"], call.args["uid"]
+    target = k.services.lookup(name)
+    if target is None:
+        raise SyscallError("ENOSYS", f"no running service serves {name!r}")
+    user = k.users.by_uid(uid)
+    k.users.check_cap(user, target.cap, name)
+    args = check_args(target, call.args["args"] or {})
+    k.services.forward(type(call)(call.identity, call.rid, user, target, args))
+    return PENDING_REPLY
 
 
 def sys_svc_list(k, call):

@@ -18,7 +18,8 @@ from llmos import hostmem
 # name -> "module:Class" of the services shipped with llmos (the kernel lists the same names
 # in kernel/syssvc.py BUILTIN_SERVICES; a test keeps the two equal)
 BUILTIN: dict[str, str] = {"fs": "llmos.services.fs.service:FsService",
-                           "kg": "llmos.services.kg.service:KgService"}
+                           "kg": "llmos.services.kg.service:KgService",
+                           "tuner": "llmos.services.tuner.service:TunerService"}
 
 
 def find(name: str):

@@ -198,6 +198,32 @@ SYSCALLS: tuple[Syscall, ...] = (
             cap=SERVICE_CAP,
             doc="(services only) One frame of the answer to a forwarded call; one-way: the kernel does not reply.",
             returns="nothing"),
+    Syscall(29, "svc_call", (Arg("call", "str", required=True, max_len=64),
+                             Arg("args", "map", max_len=256), Arg("uid", "int", required=True, min=0)),
+            cap=SERVICE_CAP,
+            doc="(services only) Make another service's call on behalf of user uid (e.g. the tuner reading a "
+                "dataset from fs): checked against that user's capabilities; streamed calls stream.",
+            returns="the call's own reply"),
+    Syscall(30, "mm_lease", (Arg("bytes", "int", required=True, min=1, max=1 << 50),
+                             Arg("priority", "int", default=0, min=-20, max=19,
+                                 doc="nice value: inference at this priority or more important may revoke it"),
+                             Arg("purpose", "str", default="", max_len=256)),
+            cap=SERVICE_CAP,
+            doc="(services only) Lease device memory outside models and KV (e.g. for training). Idle models "
+                "are evicted to make room; EAGAIN if it cannot be had now, ENOMEM if it can never fit. "
+                "A lease may be revoked for inference: poll mm_leases, then release it.",
+            returns="{lease, bytes, priority, state}"),
+    Syscall(31, "mm_release", (Arg("lease", "int", required=True, min=1),), cap=SERVICE_CAP,
+            doc="(services only) Give a lease back.", returns="true"),
+    Syscall(32, "mm_leases", doc="Memory leases: holder, bytes, priority, state (held | revoked).",
+            returns="[{lease, holder, bytes, priority, state, purpose, age_s}]"),
+    Syscall(33, "feedback", (_pid(), Arg("rating", "int", required=True, min=-1, max=1,
+                                         doc="1 good, 0 neutral, -1 bad"),
+                             Arg("correction", "str", max_len=_TEXT, doc="what the answer should have been")),
+            cap="proc",
+            doc="Record a process's prompt and latest output (and the correction) in your feedback dataset "
+                "(feedback.jsonl in your file store); tune_submit(dataset='feedback') trains on it.",
+            returns="{path, records}"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

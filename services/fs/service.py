@@ -8,8 +8,11 @@ the streamed ``fs_read`` (or ``fs_get`` with ``offset``/``length``) down.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from llmos.syscalls.table import Arg, Syscall
 CHUNK = 1 << 20                  # bytes per streamed frame
 MAX_GET = 8 << 20                # fs_get answers at most this much per call
 WRITER_IDLE_S = 600.0            # an upload untouched this long is aborted
+MAX_APPEND = 64 << 20            # fs_append rewrites the file: kept to modest logs and datasets
 
 _PATH = Arg("path", "str", required=True, max_len=4096)
 _OWNER = Arg("owner", "int", min=0, doc="whose namespace (a uid that shared it with you); default: yours")
@@ -56,6 +60,13 @@ CALLS = (
             doc="Give (or with revoke take back) read access to a path or prefix ('' = everything) to uid reader.",
             returns="true"),
     Syscall(0, "fs_usage", cap="fs", doc="Your storage use and quota.", returns="{bytes, quota}"),
+    Syscall(0, "fs_append", (_PATH, Arg("data", "bytes", required=True, max_len=MAX_GET)), cap="fs",
+            doc=f"Append to a file (created if missing) atomically; files up to {MAX_APPEND} bytes.",
+            returns="{path, size, sha256, mtime, owner, lines}"),
+    Syscall(0, "fs_export", (Arg("prefix", "str", required=True, max_len=4096), _OWNER,
+                             Arg("dest_root", "str", required=True, max_len=4096)), cap="svc",
+            doc="(kernel and services) Copy the files under prefix into a local directory named by their "
+                "content, under dest_root; it appears whole or not at all.", returns="{dir, files}"),
 )
 
 
@@ -83,7 +94,8 @@ class FsService(Service):
         return {"fs_put": self.put, "fs_get": self.get, "fs_read": self.read, "fs_write_open": self.write_open,
                 "fs_write": self.write, "fs_write_commit": self.commit, "fs_write_abort": self.abort,
                 "fs_stat": self.stat, "fs_list": self.list, "fs_rm": self.rm, "fs_mv": self.mv,
-                "fs_share": self.share, "fs_usage": self.usage}
+                "fs_share": self.share, "fs_usage": self.usage, "fs_append": self.append,
+                "fs_export": self.export}
 
     @_fs
     def put(self, caller, path, data, overwrite):
@@ -168,3 +180,49 @@ class FsService(Service):
     @_fs
     def usage(self, caller):
         return self.store.usage(caller["uid"])
+
+    @_fs
+    def append(self, caller, path, data):
+        uid, old = caller["uid"], b""
+        try:
+            size = self.store.stat(uid, path)["size"]
+        except FsError as err:
+            if err.errno != "ENOENT":
+                raise
+        else:
+            if size + len(data) > MAX_APPEND:
+                raise SyscallError("EFBIG", f"{path}: appending would pass {MAX_APPEND} bytes")
+            old = self.store.get(uid, path)
+        new = old + data
+        return {**self.store.put(uid, path, new), "lines": new.count(b"\n")}
+
+    @_fs
+    def export(self, caller, prefix, owner, dest_root):
+        if "svc" not in caller.get("caps", ()):
+            raise SyscallError("EPERM", "fs_export is for the kernel and services")
+        uid, prefix = caller["uid"], prefix.strip("/")
+        rows = self.store.list(uid, prefix, owner=owner)
+        if not rows:
+            raise SyscallError("ENOENT", f"no files under {prefix!r}")
+        files = sorted((r["path"][len(prefix):].lstrip("/"), r["sha256"]) for r in rows)
+        if any(not rel for rel, _ in files):
+            raise SyscallError("ENOTDIR", f"{prefix!r} is a file; give the directory that holds it")
+        digest = hashlib.sha256(repr(files).encode()).hexdigest()[:32]
+        root = Path(dest_root)
+        dest = root / digest
+        if not dest.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+            try:
+                for rel, _ in files:
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(target, "wb") as out:
+                        for chunk in self.store.iter_read(uid, f"{prefix}/{rel}", CHUNK, owner=owner):
+                            out.write(chunk)
+                os.rename(tmp, dest)
+            except FileExistsError:
+                pass                      # exported meanwhile by an earlier call: same content
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return {"dir": str(dest), "files": [rel for rel, _ in files]}

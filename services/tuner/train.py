@@ -67,6 +67,7 @@ class TrainParams:
     max_tokens: int = 1024           # per record; longer ones are cut from the right
     checkpoint_every: int = 0        # steps; 0 = only on cancel
     checkpoint_dir: str | None = None
+    keep_checkpoint: bool = False    # leave a checkpoint at the end, to train further later
 
     def __post_init__(self):
         def bad(why: str):
@@ -324,13 +325,17 @@ def train_lora(base_model_path: str, train: Iterable[Record], val: Iterable[Reco
             if on_progress is not None:
                 on_progress(dict(step=step, epoch=step / per_epoch, loss=float(out.loss.detach()),
                                  eval_loss=eval_loss,
-                                 tokens_per_s=int(mask.sum()) / max(time.perf_counter() - t0, 1e-9)))
+                                 tokens_per_s=int(mask.sum()) / max(time.perf_counter() - t0, 1e-9),
+                                 step_s=time.perf_counter() - t0))
 
+    if p.keep_checkpoint:
+        checkpoint()
     _publish(model, out_dir, dict(
         initial_eval_loss=initial_eval, final_eval_loss=eval_loss, eval_history=eval_history,
         steps=step, num_train=len(train_ex), num_val=len(val_ex), base_model=str(base_model_path),
         params=asdict(p)))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if not p.keep_checkpoint:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result("done")
 
 

@@ -1,0 +1,76 @@
+"""The kernel's own use of the file store, on a user's behalf.
+
+* ``feedback(pid, rating, correction)``: the process's prompt and latest output (and the
+  correction) become one JSON line appended to ``feedback.jsonl`` in the user's file store —
+  the dataset ``tune_submit(dataset="feedback")`` trains on.
+* ``spawn(adapter="adapters/x")``: an adapter path that is not an absolute local directory
+  names a directory in the caller's file store. The kernel asks ``fs`` to export it into a
+  local directory named by its content (so a retrained adapter is a new one) and spawns with
+  that. Both reply when ``fs`` has answered; the loop never waits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from llmos.kernel.procio import PENDING_REPLY
+from llmos.kernel.security import User
+from llmos.syscalls.errors import SyscallError
+
+log = logging.getLogger("llmos.kernel")
+FEEDBACK_PATH = "feedback.jsonl"
+
+
+def _answer(k, call, work) -> callable:
+    """An fs reply handler that runs ``work(result)`` and answers ``call`` with what it returns."""
+    def on_reply(ok: bool, result) -> None:
+        try:
+            if not ok:
+                raise result
+            out = work(result)
+            if out is not PENDING_REPLY:          # else the next step answers
+                k.reply(call, out)
+        except SyscallError as err:
+            k.send_error(call.identity, call.rid, err)
+        except Exception as exc:             # one call's bug never reaches the loop
+            log.exception("fs-backed call failed")
+            k.send_error(call.identity, call.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
+    return on_reply
+
+
+def sys_feedback(k, call):
+    ps, a = k.procs, call.args
+    proc = ps.get(call, a["pid"])
+    io, entry = ps.io.get(proc.pid), ps.model_of[proc.pid]
+    if io is None or not (io.turn_ids or io.text):
+        raise SyscallError("EINVAL", f"process {proc.pid} has no output to rate yet")
+    tok = entry.tokenizer
+    record = {"prompt": tok.decode(proc.token_ids[:proc.turn_start], skip_special_tokens=True),
+              "completion": io.text, "rating": a["rating"], "model": entry.name, "pid": proc.pid,
+              "adapter": proc.adapter, "time": round(time.time(), 3)}
+    if a["correction"] is not None:
+        record["correction"] = a["correction"]
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    k.services.ask("fs_append", {"path": FEEDBACK_PATH, "data": line}, call.user,
+                   _answer(k, call, lambda r: {"path": FEEDBACK_PATH, "records": r["lines"]}))
+    return PENDING_REPLY
+
+
+def is_store_path(adapter: str | None) -> bool:
+    return adapter is not None and not adapter.startswith(("/", "~"))
+
+
+def spawn_with_store_adapter(k, call, then) -> object:
+    """Export the caller's adapter directory from fs, then ``then(args)`` with the local path."""
+    path = call.args["adapter"].strip("/")
+    as_kernel = User(call.user.name, call.user.uid, call.user.caps | {"svc"})
+    dest = str(k.cfg.state_dir / "cache" / "adapters" / str(call.user.uid))
+
+    def spawn(result):
+        return then({**call.args, "adapter": result["dir"]})
+    try:
+        k.services.ask("fs_export", {"prefix": path, "dest_root": dest}, as_kernel, _answer(k, call, spawn))
+    except SyscallError as err:
+        raise SyscallError(err.errno, f"adapter {path!r} is a file-store path and {err.message}")
+    return PENDING_REPLY

@@ -11,9 +11,11 @@ import httpx
 import openai
 import pytest
 import uvicorn
-
 from conftest import KernelProc, wait_for
 from llmos.userland.gateway import make_app
+from llmos.userland.gateway_metrics import KernelCollector
+from prometheus_client import CollectorRegistry, generate_latest
+from starlette.testclient import TestClient
 
 MODEL = "llmos-tiny-random"
 MAX_BODY = 64 * 1024
@@ -108,7 +110,7 @@ def test_completions_equal_the_kernel_and_stream_the_same(oai, kernel):
 
 
 def test_n_choices_with_a_seed_are_each_the_one_choice_answer_with_seed_plus_i(oai):
-    kw = dict(model=MODEL, messages=HELLO, max_tokens=8, temperature=1.0, seed=42)
+    kw = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "temperature": 1.0, "seed": 42}
     r = oai.chat.completions.create(n=3, **kw)
     assert [c.index for c in r.choices] == [0, 1, 2]
     texts = [c.message.content for c in r.choices]
@@ -187,15 +189,39 @@ def test_unknown_route_answers_in_openai_shape(http):
     assert_openai_error(http.get("/v1/nothing"), 404)
 
 
-def test_client_gone_mid_stream_kills_the_process(gateway, kernel):
-    body = {"model": MODEL, "prompt": "tell me everything", "max_tokens": 100000, "stream": True}
-    with httpx.stream("POST", gateway + "/v1/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {kernel.token}"}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data:") and '"text":""' not in line:
-                break
+@pytest.fixture(scope="module")
+def alice(kernel) -> str:
     with kernel.client() as c:
-        wait_for(lambda: not c.ps(), timeout=20)       # killed and reaped
+        return c.user_add("alice")["token"]
+
+
+def test_a_stream_runs_as_the_tokens_user_at_its_priority_and_dies_with_its_client(gateway, kernel, alice):
+    body = {"model": MODEL, "prompt": "tell me everything", "max_tokens": 100000, "stream": True, "priority": 7}
+    with kernel.client() as root:
+        with httpx.stream("POST", gateway + "/v1/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {alice}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"text":""' not in line:
+                    break
+            (proc,) = root.ps(all=True)
+            assert proc["user"] == "alice" and proc["nice"] == 7
+        wait_for(lambda: not root.ps(all=True), timeout=10)      # killed when the client left, and reaped
+
+
+def test_default_token_serves_requests_without_a_header(kernel, alice):
+    with TestClient(make_app(kernel.socket, default_token=alice)) as tc:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert tc.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 2
+        bad = tc.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert_openai_error(bad, 401, "invalid_api_key")
+
+
+def test_an_unreachable_kernel_is_503(tmp_path):
+    with TestClient(make_app(f"ipc://{tmp_path}/none.sock", default_token="x")) as tc:
+        body = {"model": MODEL, "prompt": "hi"}
+        assert_openai_error(tc.post("/v1/completions", json=body), 503, "kernel_unavailable")
+        assert tc.get("/health").status_code == 503
+        assert "llmos_kernel_up 0.0" in tc.get("/metrics").text
 
 
 def test_metrics_export_gateway_and_kernel_figures(http, oai):
@@ -239,3 +265,26 @@ def test_two_hundred_concurrent_requests_all_succeed(gateway, kernel):
     assert time.monotonic() - t0 < 60
     with kernel.client() as c:
         assert c.ps() == []                        # every process reaped
+
+
+def test_kernel_figures_not_yet_reported_are_exported_when_present():
+    """Hand-made ``stat`` with the newer fields (latency histograms by nice, calls by name)."""
+    stat = {"requests": 10, "errors": 1, "procs": {"RUNNING": 2}, "tokens_in": 50, "tokens_out": 70,
+            "swaps": 3, "preemptions": 4, "prefix_hit_tokens": 32, "calls": {"spawn": 5, "read": 5},
+            "call_errors": {"spawn": 1},
+            "latency": {"ttft": {"-5": {"buckets": [0.01, 0.1, 1.0], "counts": [1, 3, 4], "sum": 0.9, "count": 4}},
+                        "itl": {"0": {"buckets": [0.01, float("inf")], "counts": [7, 8], "sum": 0.2, "count": 8}}}}
+    registry = CollectorRegistry()
+    registry.register(KernelCollector(lambda: {"stat": stat}))
+    text = generate_latest(registry).decode()
+    for line in ('llmos_procs{state="RUNNING"} 2.0', 'llmos_procs{state="ZOMBIE"} 0.0',
+                 "llmos_tokens_in_total 50.0", "llmos_tokens_out_total 70.0", "llmos_swaps_total 3.0",
+                 "llmos_preemptions_total 4.0", "llmos_prefix_hit_tokens_total 32.0",
+                 'llmos_calls_total{call="spawn"} 5.0', 'llmos_call_errors_total{call="spawn"} 1.0',
+                 'llmos_ttft_seconds_bucket{le="0.1",priority="-5"} 3.0',
+                 'llmos_ttft_seconds_bucket{le="+Inf",priority="-5"} 4.0', 'llmos_ttft_seconds_count{priority="-5"} 4.0',
+                 'llmos_itl_seconds_bucket{le="+Inf",priority="0"} 8.0', 'llmos_itl_seconds_sum{priority="0"} 0.2'):
+        assert line in text, line
+    older = CollectorRegistry()
+    older.register(KernelCollector(lambda: {"stat": {"requests": 1}}))
+    assert "llmos_ttft_seconds" not in generate_latest(older).decode()

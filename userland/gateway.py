@@ -18,34 +18,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 
+from llmos.syscalls import locate
+from llmos.syscalls.client import Client
+from llmos.syscalls.errors import SyscallError
+from llmos.userland.gateway_metrics import GatewayMetrics
+from llmos.userland.gateway_request import (
+    TRANSPORT_ERRNOS,
+    ApiError,
+    Job,
+    api_error_of,
+    parse_job,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmos.syscalls import locate
-from llmos.syscalls.client import Client
-from llmos.syscalls.errors import SyscallError
-from llmos.userland.gateway_metrics import GatewayMetrics
-from llmos.userland.gateway_request import ApiError, Job, parse_job
-
 log = logging.getLogger("llmos.gateway")
 
-TRANSPORT_ERRNOS = {"ECONNREFUSED", "ETIMEDOUT", "ECONNRESET"}     # the client is unusable afterwards
-HTTP_STATUS = {"EINVAL": 400, "E2BIG": 400, "EMSGSIZE": 413, "EACCES": 401, "EPERM": 403, "ENOENT": 404,
-               "ESRCH": 404, "EAGAIN": 429, "EDQUOT": 429, "ENOMEM": 503, "EBUSY": 503}
 MODELS_TTL_S = 1.0
-
-
-def api_error_of(err: SyscallError) -> ApiError:
-    """The HTTP answer to a kernel refusal."""
-    if err.errno in TRANSPORT_ERRNOS:
-        return ApiError(503, f"kernel unavailable: {err.message}", "server_error", code="kernel_unavailable")
-    status = HTTP_STATUS.get(err.errno, 500)
-    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return ApiError(status, err.message, kind, code=err.errno)
 
 
 class ClientPool:
@@ -106,67 +98,70 @@ class ClientPool:
 
 
 class Generation:
-    """The kernel processes of one request, each pumped by a worker thread into one queue as
-    ("delta", index, text, num_tokens) ... ("done", index, wait_result) or ("error", index, exc)."""
+    """The kernel processes of one request. Worker threads, started at once (so processes are
+    reaped even if the answer is never sent), pump each one into one queue as
+    ("delta", index, text) ... ("done", index, wait_result), or ("error", index, exc)."""
 
-    def __init__(self, gw: "Gateway", token: str, job: Job, pids: list[int], t0: float):
+    def __init__(self, gw: Gateway, token: str, job: Job, pids: list[int], t0: float):
         self.gw, self.token, self.job, self.pids, self.t0 = gw, token, job, pids, t0
         self.live_pids = set(pids)
         self.results: dict[int, dict] = {}
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        for i, pid in enumerate(pids):
+            loop.run_in_executor(gw.pumps, self._pump, i, pid,
+                                 lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
 
     async def events(self):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        for i, pid in enumerate(self.pids):
-            loop.run_in_executor(self.gw.executor, self._pump, i, pid,
-                                 lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
         while self.live_pids:
-            item = await queue.get()
+            item = await self.queue.get()
             if item[0] == "error":
                 raise item[2]
             if item[0] == "done":
-                self.live_pids.discard(self.pids[item[1]])
-                self.results[item[1]] = item[2]
-                if item[2].get("finish_reason") == "error":
-                    msg = next((e.get("message") for e in item[2].get("events", []) if e.get("event") == "error"), "")
-                    raise ApiError(503, f"generation failed: {msg}", "server_error", code="generation_failed")
+                index, result = item[1], item[2]
+                self.live_pids.discard(self.pids[index])
+                self.results[index] = result
+                if result.get("finish_reason") == "error":
+                    why = " ".join(e.get("message", "") for e in result.get("events", []) if e.get("event") == "error")
+                    raise ApiError(503, f"generation failed: {why}", "server_error", code="generation_failed")
+                usage, m = result.get("usage") or {}, self.gw.metrics
+                m.tokens_out.labels(self.job.model).inc(usage.get("completion_tokens", 0))
+                if index == 0:
+                    m.tokens_in.labels(self.job.model).inc(usage.get("prompt_tokens", 0))
             yield item
 
     def _pump(self, index: int, pid: int, put) -> None:
-        m, prio = self.gw.metrics, str(self.job.priority)
+        prio = str(self.job.priority)
+        ttft, itl = self.gw.metrics.ttft.labels(prio), self.gw.metrics.itl.labels(prio)
         try:
             with self.gw.pool.client(self.token) as c:
                 last = None
                 for frame in c.read(pid):
-                    num = len(frame.get("token_ids") or [])
-                    now = time.monotonic()
-                    if num:
-                        if last is None:
-                            m.ttft.labels(prio).observe(now - self.t0)
-                        else:
-                            for _ in range(num):
-                                m.itl.labels(prio).observe((now - last) / num)
-                        last = now
+                    num, now = len(frame.get("token_ids") or []), time.monotonic()
+                    if num and last is None:
+                        ttft.observe(now - self.t0)
+                    elif num:
+                        for _ in range(num):     # a frame may carry several tokens: spread the gap
+                            itl.observe((now - last) / num)
+                    last = now if num else last
                     if frame.get("text"):
-                        put(("delta", index, frame["text"], num))
+                        put(("delta", index, frame["text"]))
                 put(("done", index, c.wait(pid)))
         except BaseException as exc:     # noqa: BLE001 - handed to the request, never lost
             put(("error", index, exc))
 
     def abandon(self) -> None:
-        """Kill what still runs (the client went away or the request failed); pumps then reap them."""
-        for pid in list(self.live_pids):
-            self.gw.executor.submit(self.gw.kill, self.token, pid)
+        """Kill what still runs (the client went away or the request failed); the pumps reap it."""
+        for pid in self.live_pids:
+            self.gw.calls.submit(self.gw.kill, self.token, pid)
         self.live_pids.clear()
 
     def usage(self) -> dict:
         done = [self.results[i].get("usage") or {} for i in sorted(self.results)]
-        prompt = done[0].get("prompt_tokens", 0) if done else 0
-        completion = sum(u.get("completion_tokens", 0) for u in done)
-        self.gw.metrics.tokens_in.labels(self.job.model).inc(prompt)
-        self.gw.metrics.tokens_out.labels(self.job.model).inc(completion)
+        first = done[0] if done else {}
+        prompt, completion = first.get("prompt_tokens", 0), sum(u.get("completion_tokens", 0) for u in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": done[0].get("cached_tokens", 0) if done else 0}}
+                "prompt_tokens_details": {"cached_tokens": first.get("cached_tokens", 0)}}
 
 
 class Gateway:
@@ -177,7 +172,10 @@ class Gateway:
         self.default_token = default_token
         self.metrics_token = metrics_token or default_token or locate.saved_token()
         self.max_body_bytes = max_body_bytes
-        self.executor = ThreadPoolExecutor(max_workers, thread_name_prefix="llmos-gateway")
+        # Streams hold a thread each for a whole generation; short calls get their own threads
+        # so a kill or a spawn never waits behind them.
+        self.pumps = ThreadPoolExecutor(max_workers, thread_name_prefix="llmos-gateway-pump")
+        self.calls = ThreadPoolExecutor(16, thread_name_prefix="llmos-gateway-call")
         self.metrics = GatewayMetrics(self.kernel_figures)
         self._models: tuple[float, list[dict]] = (0.0, [])
 
@@ -206,7 +204,7 @@ class Gateway:
         except BaseException:
             for pid in pids:
                 self.kill(token, pid)
-                self.executor.submit(self._reap, token, pid)
+                self.pumps.submit(self._reap, token, pid)
             raise
         return pids
 
@@ -231,7 +229,7 @@ class Gateway:
         return replies
 
     async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.calls, fn, *args)
 
     # -- request plumbing ----------------------------------------------------------------------
     async def authorize(self, request) -> str:
@@ -297,9 +295,8 @@ class Gateway:
                     yield _sse(job.envelope([job.delta(ev[1], ev[2], None)], stream=True))
                 else:
                     yield _sse(job.envelope([job.delta(ev[1], "", ev[2]["finish_reason"])], stream=True))
-            usage = gen.usage()
             if job.include_usage:
-                yield _sse(job.envelope([], stream=True, usage=usage))
+                yield _sse(job.envelope([], stream=True, usage=gen.usage()))
         except ApiError as err:
             yield _sse(err.body())
         except SyscallError as err:
@@ -381,7 +378,8 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
     @asynccontextmanager
     async def lifespan(app):
         yield
-        gw.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (gw.calls, gw.pumps):
+            executor.shutdown(wait=False, cancel_futures=True)
         gw.pool.close()
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

@@ -10,9 +10,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from llmos.syscalls.errors import SyscallError
+
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_N = 16
 MAX_STOPS = 16
+TRANSPORT_ERRNOS = {"ECONNREFUSED", "ETIMEDOUT", "ECONNRESET"}     # the client is unusable afterwards
+HTTP_STATUS = {"EINVAL": 400, "E2BIG": 400, "EMSGSIZE": 413, "EACCES": 401, "EPERM": 403, "ENOENT": 404,
+               "ESRCH": 404, "EAGAIN": 429, "EDQUOT": 429, "ENOMEM": 503, "EBUSY": 503}
 
 
 class ApiError(Exception):
@@ -25,6 +30,16 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error_of(err: SyscallError) -> ApiError:
+    """The HTTP answer to a kernel refusal."""
+    if err.errno in TRANSPORT_ERRNOS:
+        return ApiError(503, f"kernel unavailable: {err.message}", "server_error", code="kernel_unavailable")
+    status = HTTP_STATUS.get(err.errno, 500)
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return ApiError(status, err.message, kind, code=err.errno)
 
 
 def _bad(param: str, why: str) -> ApiError:

@@ -72,3 +72,112 @@ def test_a_job_teaches_the_default_model_answers_that_spawn_uses(tk):
         tuned = [answer(c, p, adapter="adapters/qa") for p, _ in PAIRS]
         assert tuned == [a for _, a in PAIRS], tuned
         assert sum(b == a for b, (_, a) in zip(base, PAIRS)) == 0, base
+
+
+def test_search_keeps_every_trial_and_picks_the_lowest_validation_loss(tk):
+    k, alice = tk
+    with k.client(alice) as c:
+        c.call("fs_put", path="data/qa.jsonl", data=QA)
+        space = {"lr": [1e-4, 3e-3, 1e-2], "rank": [4, 8]}
+        for strategy, trials in (("random", 3), ("halving", 4)):
+            sub = c.call("tune_submit", dataset="data/qa.jsonl", val_fraction=0.0, name=f"s-{strategy}",
+                         params=dict(PARAMS, epochs=6),
+                         search={"space": space, "trials": trials, "strategy": strategy, "eta": 2})
+            st = finished(c, sub["job"])
+            assert st["state"] == "done", st
+            assert len(st["trials"]) == trials
+            done = [t for t in st["trials"] if t["state"] == "done"]
+            best = min(done, key=lambda t: t["eval_loss"])
+            assert st["best_trial"] == best["id"]
+            if strategy == "halving":     # 4 -> 2 -> 1, each rung training longer
+                assert sorted(t["state"] for t in st["trials"]).count("pruned") == 3
+                assert best["steps"] == 6 and min(t["steps"] for t in st["trials"]) < 6
+            record = json.loads(c.call("fs_get", path=f"adapters/s-{strategy}/tune.json"))
+            assert [t["params"] for t in record["trials"]] == [t["params"] for t in st["trials"]]
+            assert record["best_trial"] == best["id"]
+
+
+@pytest.mark.parametrize("kwargs, errno, words", [
+    (dict(dataset="data/bad.jsonl"), "EINVAL", "line 2"),
+    (dict(dataset="data/none.jsonl"), "ENOENT", "none.jsonl"),
+    (dict(dataset="data/qa.jsonl", base_model="no-such-model"), "ENOENT", "no-such-model"),
+    (dict(dataset="data/qa.jsonl", params={"rank": 0}), "EINVAL", "rank"),
+    (dict(dataset="data/qa.jsonl", params={"nope": 1}), "EINVAL", "nope"),
+    (dict(dataset="data/qa.jsonl", search={"space": {}}), "EINVAL", "space is empty"),
+    (dict(dataset="data/qa.jsonl", search={"space": {"lr": []}}), "EINVAL", "no candidates"),
+    (dict(dataset="data/qa.jsonl", search={"space": {"lr": [0.1]}, "strategy": "grid"}), "EINVAL", "strategy"),
+    (dict(dataset="data/qa.jsonl", name="../x"), "EINVAL", "name"),
+])
+def test_bad_submissions_are_refused_clearly(tk, kwargs, errno, words):
+    k, alice = tk
+    with k.client(alice) as c:
+        c.call("fs_put", path="data/qa.jsonl", data=QA)
+        c.call("fs_put", path="data/bad.jsonl", data=QA.splitlines(True)[0] + b'{"prompt": "x"\n')
+        with pytest.raises(Exception) as e:
+            c.call("tune_submit", **kwargs)
+        assert e.value.errno == errno and words in e.value.message, e.value
+
+
+def test_cancel_mid_run_publishes_nothing_and_jobs_are_private(tk):
+    k, alice = tk
+    with k.client(alice) as c:
+        c.call("fs_put", path="data/qa.jsonl", data=QA)
+        job = c.call("tune_submit", dataset="data/qa.jsonl", name="never",
+                     params=dict(PARAMS, epochs=100000))["job"]
+        wait_for(lambda: c.call("tune_status", job=job)["step"] > 2, timeout=120)
+        with k.client() as root:
+            assert job in {j["job"] for j in root.call("tune_list")}
+        bob = k.client().user_add(name="bob")["token"]
+        with k.client(bob) as b:
+            assert errno_of(b.call, "tune_status", job=job) == "ENOENT"
+            assert errno_of(b.call, "tune_cancel", job=job) == "ENOENT"
+            assert b.call("tune_list") == []
+        c.call("tune_cancel", job=job)
+        st = finished(c, job, timeout=60)
+        assert st["state"] == "cancelled"
+        assert c.call("fs_list", prefix="adapters/never") == []
+        assert errno_of(c.call, "tune_cancel", job=job) == "EINVAL"
+
+
+def test_feedback_becomes_a_dataset_the_tuner_trains_on(tk):
+    k, alice = tk
+    with k.client(alice) as c:
+        assert errno_of(c.call, "tune_submit", dataset="feedback") == "ENOENT"
+        for prompt, correct in PAIRS[:4]:
+            pid = c.spawn(prompt=prompt, max_tokens=4, interactive=True)
+            list(c.read(pid))
+            out = c.feedback(pid=pid, rating=-1, correction=correct)
+            assert out["path"] == "feedback.jsonl"
+            c.kill(pid)
+        assert out["records"] == 4
+        lines = [json.loads(x) for x in c.call("fs_get", path="feedback.jsonl").splitlines()]
+        assert [x["prompt"] for x in lines] == [p for p, _ in PAIRS[:4]]
+        assert all(x["rating"] == -1 and x["completion"] for x in lines)
+        sub = c.call("tune_submit", dataset="feedback", params=PARAMS, val_fraction=0.0, name="fb")
+        assert sub["num_train"] == 4
+        assert finished(c, sub["job"])["state"] == "done"
+        assert [answer(c, p, adapter="adapters/fb") for p, _ in PAIRS[:4]] == [a for _, a in PAIRS[:4]]
+        with k.client() as root, k.client(root.user_add(name="carol")["token"]) as carol:
+            assert errno_of(carol.feedback, pid=pid, rating=1) in ("ESRCH", "EPERM")   # not hers
+
+
+def test_a_job_survives_sigkill_of_the_tuner_and_resumes_from_its_checkpoint(tk):
+    import os
+    import signal
+    k, alice = tk
+    with k.client(alice) as c, k.client() as root:
+        c.call("fs_put", path="data/qa.jsonl", data=QA)
+        job = c.call("tune_submit", dataset="data/qa.jsonl", name="resumed", val_fraction=0.0,
+                     params=dict(PARAMS, epochs=60))["job"]
+        wait_for(lambda: c.call("tune_status", job=job)["step"] >= 25, timeout=120)
+        pid = {s["name"]: s for s in root.svc_list()}["tuner"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: {s["name"]: s for s in root.svc_list()}["tuner"]["state"] == "up"
+                 and {s["name"]: s for s in root.svc_list()}["tuner"]["pid"] != pid, timeout=60)
+        st = finished(c, job)
+        assert st["state"] == "done", st
+        kinds = [e["event"] for e in c.call("tune_status", job=job, since=0)["events"]]
+        assert "requeued" in kinds
+        assert st["trials"][0]["steps"] == 60
+        metrics = json.loads(c.call("fs_get", path="adapters/resumed/metrics.json"))
+        assert metrics["steps"] == 60

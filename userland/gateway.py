@@ -18,22 +18,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 
-from llmos.syscalls import locate
-from llmos.syscalls.client import Client
-from llmos.syscalls.errors import SyscallError
-from llmos.userland.gateway_metrics import GatewayMetrics
-from llmos.userland.gateway_request import (
-    TRANSPORT_ERRNOS,
-    ApiError,
-    Job,
-    api_error_of,
-    parse_job,
-)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from llmos.syscalls import locate
+from llmos.syscalls.client import Client
+from llmos.syscalls.errors import SyscallError
+from llmos.userland.gateway_metrics import GatewayMetrics
+from llmos.userland.gateway_request import (TRANSPORT_ERRNOS, ApiError, Job, api_error_of, bearer_token,
+                                            parse_job, read_json)
 
 log = logging.getLogger("llmos.gateway")
 
@@ -203,12 +199,12 @@ class Gateway:
                     pids.append(c.spawn(**job.spawn_args, seed=seed))
         except BaseException:
             for pid in pids:
-                self.kill(token, pid)
-                self.pumps.submit(self._reap, token, pid)
+                self.pumps.submit(self._kill_and_reap, token, pid)
             raise
         return pids
 
-    def _reap(self, token: str, pid: int) -> None:
+    def _kill_and_reap(self, token: str, pid: int) -> None:
+        self.kill(token, pid)
         try:
             with self.pool.client(token) as c:
                 c.wait(pid, timeout=30.0)
@@ -233,14 +229,7 @@ class Gateway:
 
     # -- request plumbing ----------------------------------------------------------------------
     async def authorize(self, request) -> str:
-        header = request.headers.get("authorization")
-        if header is None and self.default_token is None:
-            raise ApiError(401, "missing bearer token (Authorization: Bearer <llmos token>)",
-                           "authentication_error", code="invalid_api_key")
-        token = self.default_token if header is None else header.partition(" ")[2].strip()
-        if header is not None and (header.split(" ")[0].lower() != "bearer" or not token):
-            raise ApiError(401, "the Authorization header must be 'Bearer <llmos token>'",
-                           "authentication_error", code="invalid_api_key")
+        token = bearer_token(request.headers.get("authorization"), self.default_token)
         try:
             await self.run(self.pool.check, token)
         except SyscallError as err:
@@ -249,28 +238,10 @@ class Gateway:
             raise
         return token
 
-    async def json_body(self, request) -> dict:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
-            raise ApiError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > self.max_body_bytes:
-                raise ApiError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
-
     async def generate(self, request, chat: bool):
         t0 = time.monotonic()
         token = await self.authorize(request)
-        job = parse_job(await self.json_body(request), chat)
+        job = parse_job(await read_json(request, self.max_body_bytes), chat)
         if job.model not in {m["name"] for m in await self.run(self.model_list, token)}:
             raise ApiError(404, f"the model {job.model!r} does not exist", param="model", code="model_not_found")
         gen = Generation(self, token, job, await self.run(self.spawn_all, token, job), t0)
@@ -375,6 +346,7 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
               Route("/v1/models/{model:path}", endpoint("/v1/models", models), methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]),
               Route("/health", endpoint("/health", health), methods=["GET"])]
+
     @asynccontextmanager
     async def lifespan(app):
         yield

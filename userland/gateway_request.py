@@ -1,10 +1,12 @@
-"""The OpenAI wire format for the gateway: a request body checked and turned into a ``Job``
-(spawn arguments and how to answer), the answer's JSON shapes, and ``ApiError``.
+"""The OpenAI wire format for the gateway: the bearer token and JSON body of a request, the
+body checked and turned into a ``Job`` (spawn arguments and how to answer), the answer's JSON
+shapes, and ``ApiError`` (with the HTTP status of each kernel errno).
 
 Every bad input is an ``ApiError`` (HTTP 400 with the offending ``param``), never a traceback.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -40,6 +42,41 @@ def api_error_of(err: SyscallError) -> ApiError:
     kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     return ApiError(status, err.message, kind, code=err.errno)
+
+
+def bearer_token(header: str | None, default_token: str | None) -> str:
+    """The llmos token of a request: its ``Authorization: Bearer`` value, else the default."""
+    if header is None:
+        if default_token is None:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer <llmos token>)",
+                           "authentication_error", code="invalid_api_key")
+        return default_token
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "the Authorization header must be 'Bearer <llmos token>'",
+                       "authentication_error", code="invalid_api_key")
+    return token.strip()
+
+
+async def read_json(request, limit: int) -> dict:
+    """The request body as a JSON object; 413 past ``limit`` bytes (read no further), else 400."""
+    too_big = ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise too_big
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
 
 
 def _bad(param: str, why: str) -> ApiError:

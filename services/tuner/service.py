@@ -62,7 +62,8 @@ class TunerService(Service):
 
     def setup(self) -> None:
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        if "OMP_NUM_THREADS" not in os.environ:     # leave cores to the kernel's inference
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         self.store = JobStore(Path(os.environ.get("LLMOS_SERVICE_DIR", ".")) / "jobs")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runner = Runner(self.store, self.kernel_client, device)

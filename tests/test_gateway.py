@@ -13,7 +13,9 @@ import pytest
 import uvicorn
 from conftest import KernelProc, wait_for
 from llmos.userland.gateway import make_app
+from llmos.syscalls.errors import SyscallError
 from llmos.userland.gateway_metrics import KernelCollector
+from llmos.userland.gateway_request import api_error_of
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.testclient import TestClient
 
@@ -79,6 +81,13 @@ def test_chat_greedy_equals_the_kernels_own_answer(oai, kernel):
     assert r.choices[0].finish_reason == want["finish_reason"] == "length"
     assert r.usage.prompt_tokens == want["usage"]["prompt_tokens"] and r.usage.completion_tokens == 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12 and r.model == MODEL
+
+
+def test_chat_accepts_text_content_parts(oai):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    a = oai.chat.completions.create(model=MODEL, messages=parts, max_tokens=6, temperature=0)
+    b = oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
 
 
 def test_streamed_chat_equals_the_whole_answer_and_ends_with_usage(oai):
@@ -288,3 +297,11 @@ def test_kernel_figures_not_yet_reported_are_exported_when_present():
     older = CollectorRegistry()
     older.register(KernelCollector(lambda: {"stat": {"requests": 1}}))
     assert "llmos_ttft_seconds" not in generate_latest(older).decode()
+
+
+@pytest.mark.parametrize("errno, status", [("EINVAL", 400), ("E2BIG", 400), ("EACCES", 401), ("EPERM", 403),
+                                           ("ENOENT", 404), ("EMSGSIZE", 413), ("EAGAIN", 429), ("ENOMEM", 503),
+                                           ("ECONNREFUSED", 503), ("ETIMEDOUT", 503), ("ECONNRESET", 503)])
+def test_kernel_errnos_become_http_statuses(errno, status):
+    err = api_error_of(SyscallError(errno, "why"))
+    assert err.status == status and err.body()["error"]["message"]

@@ -43,7 +43,7 @@ class ClientPool:
     def __init__(self, socket: str, timeout: float = 30.0):
         self.socket, self.timeout = socket, timeout
         self._idle: dict[str, list[Client]] = {}
-        self._known_tokens: set[str] = set()
+        self.known_tokens: set[str] = set()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -71,7 +71,7 @@ class ClientPool:
 
     def check(self, token: str) -> None:
         """Raises EACCES unless the kernel knows ``token``; known tokens are remembered."""
-        if token in self._known_tokens:
+        if token in self.known_tokens:
             return
         try:
             with self.client(token) as c:
@@ -83,7 +83,7 @@ class ClientPool:
                         c.close()
             raise
         with self._lock:
-            self._known_tokens.add(token)
+            self.known_tokens.add(token)
 
     def close(self) -> None:
         with self._lock:
@@ -184,12 +184,15 @@ class Gateway:
             pass                  # already ended: the pump reaps it
 
     def model_list(self, token: str) -> list[dict]:
-        at, models = self._models
-        if time.monotonic() - at > MODELS_TTL_S:
-            with self.pool.client(token) as c:
-                models = c.uname()["models"]
-            self._models = (time.monotonic(), models)
+        with self.pool.client(token) as c:
+            models = c.uname()["models"]
+        self._models = (time.monotonic(), models)
         return models
+
+    async def models_now(self, token: str) -> list[dict]:
+        """The kernel's models, asked at most every MODELS_TTL_S seconds."""
+        at, models = self._models
+        return models if time.monotonic() - at <= MODELS_TTL_S else await self.run(self.model_list, token)
 
     def spawn_all(self, token: str, job: Job) -> list[int]:
         pids: list[int] = []
@@ -230,6 +233,8 @@ class Gateway:
     # -- request plumbing ----------------------------------------------------------------------
     async def authorize(self, request) -> str:
         token = bearer_token(request.headers.get("authorization"), self.default_token)
+        if token in self.pool.known_tokens:
+            return token                   # no thread hop for a token already checked
         try:
             await self.run(self.pool.check, token)
         except SyscallError as err:
@@ -242,7 +247,7 @@ class Gateway:
         t0 = time.monotonic()
         token = await self.authorize(request)
         job = parse_job(await read_json(request, self.max_body_bytes), chat)
-        if job.model not in {m["name"] for m in await self.run(self.model_list, token)}:
+        if job.model not in {m["name"] for m in await self.models_now(token)}:
             raise ApiError(404, f"the model {job.model!r} does not exist", param="model", code="model_not_found")
         gen = Generation(self, token, job, await self.run(self.spawn_all, token, job), t0)
         if job.stream:
@@ -319,7 +324,7 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
 
     async def models(request):
         token = await gw.authorize(request)
-        rows = await gw.run(gw.model_list, token)
+        rows = await gw.models_now(token)
         data = [{"id": m["name"], "object": "model", "created": 0, "owned_by": "llmos"} for m in rows]
         wanted = request.path_params.get("model")
         if wanted is None:

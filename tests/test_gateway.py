@@ -238,6 +238,7 @@ def test_metrics_export_gateway_and_kernel_figures(http, oai):
     text = http.get("/metrics").text
     for name in ("llmos_gateway_requests_total", "llmos_gateway_ttft_seconds_bucket",
                  "llmos_gateway_itl_seconds_bucket", "llmos_gateway_tokens_out_total", "llmos_kernel_up 1.0",
+                 "llmos_gateway_streams 0.0",
                  "llmos_procs", "llmos_kv_blocks", "llmos_model_resident", "llmos_model_weight_bytes",
                  "llmos_memory_bytes", "llmos_syscall_requests_total", "llmos_syscall_errors_total"):
         assert name in text, name

@@ -263,6 +263,7 @@ class Gateway:
 
     async def stream(self, gen: Generation, t0: float):
         job = gen.job
+        self.metrics.streams.inc()
         try:
             for i in range(job.n):
                 yield _sse(job.envelope([job.delta(i, "", None, first=True)], stream=True))
@@ -279,6 +280,7 @@ class Gateway:
             yield _sse(api_error_of(err).body())
         finally:
             gen.abandon()
+            self.metrics.streams.dec()
             self.metrics.request_seconds.labels(job.endpoint).observe(time.monotonic() - t0)
         yield "data: [DONE]\n\n"
 

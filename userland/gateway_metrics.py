@@ -30,7 +30,9 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("llmos_gateway_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
-        self.in_flight = Gauge("llmos_gateway_requests_in_flight", "requests being served now", registry=r)
+        self.in_flight = Gauge("llmos_gateway_requests_in_flight", "requests in their handlers (a stream: until "
+                               "its response starts)", registry=r)
+        self.streams = Gauge("llmos_gateway_streams", "event streams being sent now", registry=r)
         self.request_seconds = Histogram("llmos_gateway_request_seconds", "request duration (to the last byte)",
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llmos_gateway_ttft_seconds", "time from request to the first token, by nice",

@@ -56,10 +56,13 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                    help="a model name users can spawn by (repeatable)")
     p.add_argument("--service", action="append", default=None, metavar="NAME",
                    help="start this service at boot (repeatable): built-in or an llmos.services plug-in; "
-                        "default: fs and kg")
+                        "default: fs, kg and tuner")
     p.add_argument("--no-services", action="store_true", help="start no services at boot")
     p.add_argument("--service-call-timeout", type=float, default=60.0,
                    help="seconds a service may take to answer a call (ETIMEDOUT after)")
+    p.add_argument("--alert", action="append", default=[], metavar="NAME=VALUE",
+                   help="alert threshold (repeatable; 0 = off): kv_usage (fraction, default 0.95), queue_wait_s "
+                        "(30), swap_rate (swaps/s, 5), service_down (1)")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
@@ -72,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         max_num_batched_tokens=a.max_batched_tokens, preempt_mode=a.preempt_mode,
         max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
         kv_quota_blocks=a.kv_quota_blocks, device_budget=a.device_budget, host_budget=a.host_budget,
-        aliases=dict(_alias(x) for x in a.alias),
+        aliases=dict(_alias(x) for x in a.alias), alerts=dict(_alert(x) for x in a.alert),
         service_call_timeout=a.service_call_timeout,
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
@@ -82,6 +85,18 @@ def _alias(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise SystemExit(f"llmos: --alias wants NAME=PATH, got {text!r}")
     return name, path
+
+
+def _alert(text: str) -> tuple[str, float]:
+    from llmos.kernel.alerts import RULES
+    name, sep, value = text.partition("=")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = -1.0
+    if not sep or name not in RULES or not threshold >= 0:
+        raise SystemExit(f"llmos: --alert wants NAME=VALUE with NAME in {sorted(RULES)} and VALUE >= 0, got {text!r}")
+    return name, threshold
 
 
 def check_endpoint(endpoint: str) -> None:

@@ -47,6 +47,8 @@ _BY_NAME: dict[str, Callable] = {
     "mm_release": sysmm.sys_mm_release,
     "mm_leases": sysmm.sys_mm_leases,
     "feedback": userfs.sys_feedback,
+    "alerts": sysinfo.sys_alerts,
+    "alert_set": sysinfo.sys_alert_set,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}

@@ -26,10 +26,12 @@ from typing import Any
 import zmq
 
 from llmos.kernel import handlers
+from llmos.kernel.alerts import Alerts
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.procspace import ProcSpace
 from llmos.kernel.services import ServiceManager
 from llmos.kernel.io import IOThread
+from llmos.kernel.metrics import Metrics
 from llmos.kernel.security import RateLimiter, User, UserDB
 from llmos.syscalls import abi
 from llmos.syscalls.errors import SyscallError
@@ -65,6 +67,7 @@ class KernelConfig:
     aliases: dict = field(default_factory=dict)   # model alias -> path or hub id
     services: list = field(default_factory=list)  # services started at boot
     service_call_timeout: float = 60.0     # seconds a service may take to answer (or between frames)
+    alerts: dict = field(default_factory=dict)    # alert name -> threshold (``--alert``)
 
 
 @dataclass
@@ -95,10 +98,12 @@ class Kernel:
         self.users = users
         self.boot_id = secrets.token_hex(8)
         self.stats = Stats()
+        self.metrics = Metrics()               # per-call counts, latency histograms (``stat``)
         self.rate = RateLimiter(cfg.rate_limit)
         self.running = True
         self.procs = ProcSpace(self)           # models (engines), processes, page faults
         self.services = ServiceManager(self)
+        self.alerts = Alerts(self, cfg.alerts)
         self.io = IOThread(cfg.socket, cfg.max_frame)
         self.chan = self.io.kernel_end
         self.poller = zmq.Poller()
@@ -153,6 +158,7 @@ class Kernel:
             self.handle(identity, frames)
         self.procs.expire_waiters()
         self.services.tick()
+        self.alerts.tick()
 
     # -- one request --------------------------------------------------------------------------
     def handle(self, identity: bytes, frames: list[bytes]) -> None:
@@ -168,10 +174,13 @@ class Kernel:
             else:
                 self.send_error(identity, err.rid, err)
             return
+        name = "unknown"
         try:
             svc = self.services.authenticate(req.token)
             user = svc.user if svc is not None else self.users.authenticate(req.token)
             sc = self.services.lookup(req.call) or lookup(req.call)
+            name = sc.name
+            self.metrics.calls[name] += 1
             self.users.check_cap(user, sc.cap, sc.name)
             if svc is None and not self.rate.allow(user.uid):
                 raise SyscallError("EAGAIN", f"rate limit: {self.cfg.rate_limit:g} calls/s per user")
@@ -180,8 +189,10 @@ class Kernel:
             if result is not PENDING_REPLY:
                 self.reply(call, result)
         except SyscallError as err:
+            self.metrics.call_errors[name] += 1
             self.send_error(identity, req.rid, err)
         except Exception as exc:               # a bug in a handler must not kill the kernel
+            self.metrics.call_errors[name] += 1
             log.error("handler crashed on %r: %s", req.call, traceback.format_exc())
             self.send_error(identity, req.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
 

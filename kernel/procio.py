@@ -36,12 +36,15 @@ class ProcIO:
     close_after_turn: bool = False                      # wait() on an interactive process
     events: list[dict] = field(default_factory=list)    # preemption notices etc.
     kg_facts: list[str] = field(default_factory=list)   # knowledge-graph facts put before the prompt
+    turn_started_at: float = field(default_factory=time.monotonic)   # for time to first token
+    last_token_at: float | None = None
     waiters: list[Waiter] = field(default_factory=list)
 
     def new_turn(self) -> None:
         self.turn_ids, self.text = [], ""
         self.num_streamed_chars = self.num_streamed_ids = 0
         self.turn_done, self.finish_reason = False, None
+        self.turn_started_at, self.last_token_at = time.monotonic(), None
 
     def append(self, token_id: int) -> bool:
         """Add one generated token. Returns True if a stop string now ends the turn."""

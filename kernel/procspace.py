@@ -164,11 +164,18 @@ class ProcSpace:
         return engine.sched.update(plan, result)
 
     def deliver(self, engine: Engine, events) -> None:
+        now, metrics = time.monotonic(), self.k.metrics
         for ev in events:
             io = self.io.get(ev.pid)
             if io is None:
                 continue
             if ev.kind == "token" and not io.turn_done:
+                nice = self.model_of[ev.pid].engine.sched.procs[ev.pid].nice
+                if io.last_token_at is None:
+                    metrics.first_token(nice, now - io.turn_started_at)
+                else:
+                    metrics.next_token(nice, now - io.last_token_at)
+                io.last_token_at = now
                 if io.append(ev.token_id):
                     engine.sched.finish(ev.pid, "stop")
                     self.turn_done(ev.pid, "stop")
@@ -231,6 +238,7 @@ class ProcSpace:
         """Remove a ZOMBIE for good and return its result; other waiters learn it is gone."""
         io, proc = self.io.pop(pid), self.proc(pid)
         result = io.result(pid, proc)
+        self.k.metrics.retire(proc)
         for w in io.waiters:
             if w is not answered:
                 self.k.send_error(w.call.identity, w.call.rid, SyscallError("ESRCH", f"process {pid} reaped"))

@@ -5,6 +5,7 @@ import time
 
 import llmos
 from llmos.kernel import sysmodel
+from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.abi import ABI_VERSION
 from llmos.syscalls.errors import SyscallError
 
@@ -28,7 +29,7 @@ def sys_stat(k, call):
     return {"uptime_s": round(time.time() - s.started, 3), "requests": s.requests, "errors": s.errors,
             "rejects": dict(s.rejects), "frames_dropped": s.frames_dropped,
             "disconnects": s.disconnects, "steps": s.steps, "tokens_generated": s.tokens_generated,
-            "procs": k.procs.count_by_state()}
+            "procs": k.procs.count_by_state(), **k.metrics.report(k.procs.all_procs())}
 
 
 def sys_shutdown(k, call):
@@ -55,3 +56,18 @@ def sys_devinfo(k, call):
     if info is None:
         raise SyscallError("ENOENT", "this kernel runs without a device driver (--model none)")
     return info
+
+
+def sys_alerts(k, call):
+    since, wait = call.args["since"], call.args["wait"]
+    report = k.alerts.report(since)
+    if since is not None and wait > 0 and not report["events"]:
+        k.alerts.wait(call, since, wait)          # answered by the next event or the deadline
+        return PENDING_REPLY
+    return report
+
+
+def sys_alert_set(k, call):
+    k.alerts.set(call.args["name"], call.args["threshold"])
+    k.alerts.next_check = 0.0                     # judge the new threshold at once
+    return {"thresholds": dict(k.alerts.thresholds)}

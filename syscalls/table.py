@@ -104,8 +104,12 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(1, "uname", doc="Kernel identity: version, ABI version, device, models.",
             returns="{sysname, version, abi, boot_id, device, models:[{name, architecture, random_weights}]}"),
     Syscall(2, "whoami", doc="The authenticated caller.", returns="{user, uid, caps}"),
-    Syscall(3, "stat", doc="Kernel counters: uptime, requests, errors, rejected and dropped frames.",
-            returns="{uptime_s, requests, errors, rejects:{errno:count}, frames_dropped, disconnects, procs, steps}"),
+    Syscall(3, "stat", doc="Kernel counters: uptime, requests, errors, rejected and dropped frames, calls and "
+                           "errors per call, tokens, preemptions, swaps, prefix-cache hits, and histograms of time "
+                           "to first token and inter-token latency per priority (cumulative buckets, seconds).",
+            returns="{uptime_s, requests, errors, rejects:{errno:count}, frames_dropped, disconnects, procs, steps, "
+                    "tokens_generated, tokens_in, tokens_out, preemptions, swaps, recomputes, prefix_hit_tokens, "
+                    "calls:{name:n}, call_errors:{name:n}, latency:{ttft|itl:{nice:{buckets, counts, sum, count}}}}"),
     Syscall(4, "ps", (Arg("all", "bool", default=False, doc="root: include every user's processes"),),
             cap="proc", doc="List your processes.",
             returns="[{pid, ppid, user, state, nice, model, tokens_in, tokens_out, kv_blocks, kv_swapped, age_s}]"),
@@ -224,6 +228,17 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="Record a process's prompt and latest output (and the correction) in your feedback dataset "
                 "(feedback.jsonl in your file store); tune_submit(dataset='feedback') trains on it.",
             returns="{path, records}"),
+    Syscall(34, "alerts", (Arg("since", "int", min=0, doc="also return the events after this sequence number"),
+                           Arg("wait", "float", default=0.0, min=0.0, max=3600.0,
+                               doc="seconds to wait for an event after since (a subscription, by long poll)")),
+            blocking=True,
+            doc="Firing alerts (KV usage, queue wait, swap rate, services down) and alert events; with since "
+                "and wait, replies when the next event comes.",
+            returns="{active:[{name, severity, value, threshold, since, message}], events:[{seq, t, name, state, "
+                    "...}], seq, thresholds}"),
+    Syscall(35, "alert_set", (Arg("name", "str", required=True, max_len=64),
+                              Arg("threshold", "float", required=True, min=0.0, doc="0 turns it off")),
+            cap="admin", doc="Change an alert's threshold.", returns="{thresholds}"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -1,18 +1,27 @@
 """The ``llmos`` command.
 
+    llmos                               the interactive shell (also: llmos shell)
     llmos kernel start [--foreground] [--socket S] [--state-dir D] [kernel options]
     llmos kernel stop | status
     llmos user add NAME [--caps proc,mm,...] | token NAME | list
-    llmos uname | whoami | stat | ps [--all] [--json] | meminfo | devinfo
-    llmos call NAME [key=value ...]     (any syscall; values are JSON, else strings)
+    llmos ps [--all] | top [--once] | free | models | load NAME | unload NAME | svc list|start|stop
+    llmos spawn PROMPT | chat [MODEL] | kill | stop | cont | nice | fork | wait | read | write | pinfo
+    llmos ls | cat | put | get | rm      (the file store)
+    llmos kg add|query|path|search ...  (the knowledge graph)
+    llmos tune submit|status|list|cancel | feedback PID RATING [CORRECTION]
+    llmos uname | whoami | stat | meminfo | devinfo
+    llmos call NAME [key=value ...]     (any call; values are JSON, else strings)
+    llmos run PROGRAM.py [args]         (with LLMOS_SOCKET/LLMOS_TOKEN set for llmos.connect())
+    llmos serve-http [args]             (the OpenAI-compatible gateway)
     llmos demo
+    llmos help [COMMAND]                (every command; --json prints a command's result as JSON)
 
-Userland: it talks to the kernel only through the ABI, and starts the kernel as its own
-process (``python -m llmos.kernel``).
+The shell and the one-shot commands share one command table (``llmos.userland.sh_base``).
+Userland talks to the kernel only through the ABI, and starts the kernel as its own process
+(``python -m llmos.kernel``).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -130,63 +139,33 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
-def _parse_value(v: str):
-    try:
-        return json.loads(v)
-    except ValueError:
-        return v
-
-
-def _print(obj, as_json: bool) -> None:
-    if as_json or not isinstance(obj, list) or not obj or not isinstance(obj[0], dict):
-        print(json.dumps(obj, indent=None if as_json else 2))
-        return
-    cols = list(obj[0])
-    rows = [[str(r.get(c, "")) for c in cols] for r in obj]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    cmd, rest = argv[0], argv[1:]
-    as_json = "--json" in rest
-    rest = [a for a in rest if a != "--json"]
+    cmd, rest = (argv[0], argv[1:]) if argv else ("shell", [])
+    if cmd == "kernel":
+        sub = rest[0] if rest else "status"
+        return {"start": kernel_start, "stop": kernel_stop, "status": kernel_status}.get(
+            sub, lambda a: _usage(f"unknown: kernel {sub}"))(rest[1:])
+    if cmd == "demo":
+        from llmos.userland.demo import main as demo
+        return demo(rest)
+    if cmd == "serve-http":
+        from llmos.userland.gateway import main as gateway     # written separately; imported on use
+        return gateway(rest) or 0
+    if cmd in ("shell", "sh"):
+        from llmos.userland.shell import Shell
+        return Shell().loop()
+    from llmos.userland.sh_base import Ctx, load_commands, run_command
+    load_commands()
     try:
-        if cmd == "kernel":
-            sub = rest[0] if rest else "status"
-            return {"start": kernel_start, "stop": kernel_stop, "status": kernel_status}.get(
-                sub, lambda a: _usage(f"unknown: kernel {sub}"))(rest[1:])
-        if cmd == "demo":
-            from llmos.userland.demo import main as demo
-            return demo(rest)
-        with connect() as c:
-            if cmd == "user" and rest[:1] == ["add"] and len(rest) >= 2:
-                caps = rest[rest.index("--caps") + 1].split(",") if "--caps" in rest else None
-                r = c.user_add(rest[1], caps=caps)
-                print(r["token"])
-            elif cmd == "user" and rest[:1] == ["token"] and len(rest) == 2:
-                print(c.user_token(rest[1])["token"])
-            elif cmd == "user" and rest[:1] == ["list"]:
-                _print(c.user_list(), as_json)
-            elif cmd in ("uname", "whoami", "stat", "meminfo", "devinfo"):
-                _print(c.call(cmd), as_json)
-            elif cmd == "ps":
-                _print(c.ps(all="--all" in rest), as_json)
-            elif cmd == "call" and rest:
-                args = dict(a.split("=", 1) for a in rest[1:] if "=" in a)
-                _print(c.call(rest[0], **{k: _parse_value(v) for k, v in args.items()}), as_json)
-            else:
-                return _usage(f"unknown command: {' '.join(argv)}")
-    except SyscallError as err:
-        print(f"llmos: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return run_command(Ctx(), argv)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:                       # `llmos ps | head`
+        return 0
 
 
 def _usage(msg: str) -> int:

@@ -1,0 +1,132 @@
+"""``chat``: one conversation = one interactive process, continued turn by turn with ``write``.
+
+Ctrl-C stops the answer being streamed. The ABI has no signal that ends a turn and keeps the
+process (TERM and KILL end the process; STOP only pauses it mid-turn, and ``write`` needs a
+process waiting for input), so Ctrl-C ends the process with TERM and reaps it; the shell keeps
+the transcript, and the next message starts a new process from the whole conversation so far
+(the partial answer included). ``/exit`` or Ctrl-D ends the chat (and its process).
+"""
+from __future__ import annotations
+
+from llmos.syscalls.errors import SyscallError
+from llmos.userland.sh_base import arg, command
+from llmos.userland.sh_procs import stream_turn
+
+CHAT_HELP = ("/exit (or Ctrl-D) leaves, Ctrl-C stops an answer, /pid shows the process, "
+             "/rate N [correction] sends feedback on the last answer, /help this line")
+
+
+class Chat:
+    def __init__(self, ctx, args):
+        self.ctx, self.args = ctx, args
+        self.pid: int | None = None
+        self.messages: list[dict] = []         # the transcript, to start over after Ctrl-C
+
+    def spawn_args(self) -> dict:
+        a = self.args
+        return dict(model=a.model, adapter=a.adapter, priority=a.priority, max_tokens=a.max_tokens,
+                    temperature=a.temperature, ignore_eos=a.ignore_eos or None, interactive=True)
+
+    def turn(self, text: str) -> None:
+        c = self.ctx.client
+        self.messages.append({"role": "user", "content": text})
+        if self.pid is None:
+            self.pid = c.spawn(messages=list(self.messages), **self.spawn_args())
+        else:
+            c.write(self.pid, messages=[{"role": "user", "content": text}])
+        answer = ""
+        try:
+            final = stream_turn(self.ctx, self.pid)
+            answer = final.get("text", "")
+            if final.get("finish_reason") in ("terminated", "killed", "error"):
+                self.ctx.say(f"[process {self.pid} ended: {final.get('finish_reason')}]", style="yellow")
+                self._forget()
+        except KeyboardInterrupt:
+            self.ctx.console.file.write("\n")
+            answer = self._stop()
+        self.messages.append({"role": "assistant", "content": answer})
+
+    def _stop(self) -> str:
+        """Ctrl-C: end the process (see the module doc for why) and keep the partial answer."""
+        pid, c = self.pid, self.ctx.client
+        answer = ""
+        try:
+            c.kill(pid, sig="TERM")
+            answer = (c.wait(pid, timeout=10.0) or {}).get("text") or ""
+        except SyscallError:
+            pass
+        self._forget()
+        self.ctx.say(f"[answer stopped; process {pid} ended (TERM). Your next message continues the "
+                     f"conversation in a new process.]", style="yellow")
+        return answer
+
+    def _forget(self) -> None:
+        self.pid = None
+
+    def close(self) -> None:
+        if self.pid is not None:
+            try:
+                self.ctx.client.wait(self.pid, timeout=10.0)   # between turns: ends and reaps it
+            except SyscallError:
+                pass
+            self.pid = None
+
+    def command(self, line: str) -> bool:
+        """A ``/`` command; False when the chat should end."""
+        word, _, rest = line[1:].partition(" ")
+        if word in ("exit", "quit", "q"):
+            return False
+        if word == "pid":
+            self.ctx.say(f"process {self.pid}" if self.pid else "no process yet", style="dim")
+        elif word == "rate":
+            rating, _, correction = rest.partition(" ")
+            try:
+                r = self.ctx.call("feedback", pid=self.pid, rating=int(rating), correction=correction or None)
+                self.ctx.say(f"feedback recorded ({r})", style="dim")
+            except (ValueError, TypeError):
+                self.ctx.error("usage: /rate N [correction]")
+            except SyscallError as err:
+                self.ctx.error(f"{err.errno}: {err.message}")
+        else:
+            self.ctx.say(CHAT_HELP, style="dim")
+        return True
+
+
+@command("chat", "Chat with a model: one interactive process, streamed answers.",
+         arg("model", nargs="?", help="model name (default: the kernel's default)"),
+         arg("--adapter", help="LoRA adapter directory or loaded adapter name"),
+         arg("-p", "--priority", type=int, default=0),
+         arg("-n", "--max-tokens", type=int, default=256, help="tokens per answer"),
+         arg("-t", "--temperature", type=float, default=0.0),
+         arg("--ignore-eos", action="store_true", help="answer until max-tokens (benchmarks)"),
+         arg("-e", "--message", action="append", help="send this message (repeatable) instead of asking"),
+         json=False)
+def chat(ctx, a):
+    chat = Chat(ctx, a)
+    if a.message:
+        try:
+            for text in a.message:
+                chat.turn(text)
+        finally:
+            chat.close()
+        return
+    ctx.say(f"chat with {a.model or 'the default model'}; {CHAT_HELP}", style="dim")
+    try:
+        while True:
+            try:
+                line = ctx.ask("you> ")
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not chat.command(line):
+                    break
+                continue
+            chat.turn(line)
+    finally:
+        chat.close()
+    ctx.say("chat ended", style="dim")

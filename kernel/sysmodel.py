@@ -58,7 +58,8 @@ def sys_free(k, call):
 def models_row(ps, e) -> dict:
     """One row of ``models``: where a model's weights are and who uses it."""
     d = e.engine.driver if e.engine else e.host_driver
-    return {"name": e.name, "path": e.path, "architecture": (e.config.architectures or ["?"])[0],
+    arch = (e.config.architectures or ["?"])[0] if e.config is not None else None   # an alias not read yet
+    return {"name": e.name, "path": e.path, "architecture": arch,
             "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where,
             "loading": e.loading, "bytes": e.weight_bytes, "kv_bytes": e.engine.kv_bytes if e.engine else 0,
             "pinned": e.pinned, "random_weights": e.random_weights, "default": e is ps.default,
@@ -70,4 +71,4 @@ def models_row(ps, e) -> dict:
 def model_list(ps) -> list[dict]:
     if ps.models is None:
         return []
-    return [models_row(ps, e) for e in ps.models.entries.values() if e.config is not None]
+    return [models_row(ps, e) for e in ps.models.entries.values()]

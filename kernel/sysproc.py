@@ -116,6 +116,11 @@ def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
         ignore_eos=a["ignore_eos"], interactive=a["interactive"], adapter=a["adapter"], token_ids=ids)
     ps.start(proc, entry, stop)
     ps.io[proc.pid].kg_facts = list(kg_facts)
+    if a["stopped"]:
+        if proc.pid in ps.faulted:              # STOPPED once its model is in
+            ps.parked_state[proc.pid] = ProcState.STOPPED
+        else:
+            ps.sched_of(proc.pid).stop(proc.pid)
     return proc.pid
 
 
@@ -177,6 +182,12 @@ def sys_kill(k, call):
     if p.pid in ps.faulted and sig in ("TERM", "KILL"):      # still waiting for its model
         p.state = ProcState.ZOMBIE
         ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
+        return True
+    if p.pid in ps.faulted and sig in ("STOP", "CONT"):      # applies once its model is in
+        if sig == "STOP":
+            ps.parked_state[p.pid] = ProcState.STOPPED
+        elif ps.parked_state.get(p.pid) is ProcState.STOPPED:
+            del ps.parked_state[p.pid]
         return True
     sched = ps.sched_of(p.pid)
     try:

@@ -141,6 +141,8 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("kg", "any", doc="true or a graph name (mine, shared, all): put the knowledge graph's facts "
                              "about the entities the prompt mentions before it (needs the kg service)"),
         Arg("kg_budget", "int", default=256, min=1, max=8192, doc="most words of facts to add"),
+        Arg("stopped", "bool", default=False,
+            doc="start STOPPED (kill CONT runs it): e.g. fork it at its prompt for n-way sampling"),
     ), cap="proc", doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
         returns="pid"),
     Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), Arg("messages", "list", max_len=4096),

@@ -198,8 +198,16 @@ class Gateway:
         pids: list[int] = []
         try:
             with self.pool.client(token) as c:
-                for seed in job.seeds():
-                    pids.append(c.spawn(**job.spawn_args, seed=seed))
+                seeds = job.seeds()
+                if len(seeds) > 1 and (seeds[0] is None or seeds[0] + len(seeds) < 1 << 63):
+                    # n choices by fork: one process stopped at its prompt, n-1 copies of it
+                    # (child i samples with seed+1+i), then all run, sharing cached prompt blocks.
+                    pids.append(c.spawn(**job.spawn_args, seed=seeds[0], stopped=True))
+                    pids += c.fork(pids[0], n=len(seeds) - 1, seed=seeds[1])
+                    c.kill(pids[0], "CONT")
+                else:
+                    for seed in seeds:
+                        pids.append(c.spawn(**job.spawn_args, seed=seed))
         except BaseException:
             for pid in pids:
                 self.pumps.submit(self._kill_and_reap, token, pid)

@@ -218,6 +218,8 @@ class Runner:
             self._set(job, "paused", message="lease revoked for inference; resumes when memory returns")
             self._lease(job, lease)
             self._set(job, "running", message="")
+        if result.get("resumed_from_step"):
+            t["resumed_from_step"] = result["resumed_from_step"]
         t.update(state="done", steps=result["step"], eval_loss=result["final_eval_loss"],
                  initial_eval_loss=result["initial_eval_loss"], rung=rung, adapter_dir=str(out))
         if job.get("initial_eval_loss") is None:

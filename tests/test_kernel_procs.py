@@ -156,3 +156,17 @@ def test_shutdown_cancels_pending_waits(k):
         root.shutdown()
     t.join(30)
     assert err == ["ECANCELED"]
+
+
+def test_a_process_spawned_stopped_forks_at_its_prompt_into_seeded_samples(k):
+    """n-way sampling by fork: stop at the prompt, fork, CONT; each sample equals a spawn with its seed."""
+    args = dict(prompt_ids=prompt_of(9, 3), max_tokens=6, temperature=1.0, ignore_eos=True)
+    with k.client() as c:
+        pid = c.spawn(**args, seed=7, stopped=True)
+        time.sleep(0.2)
+        assert c.pinfo(pid)["state"] == "STOPPED" and c.pinfo(pid)["tokens_out"] == 0
+        kids = c.fork(pid, n=2, seed=8)
+        c.kill(pid, "CONT")
+        forked = [c.wait(p)["token_ids"] for p in [pid, *kids]]
+        alone = [c.wait(c.spawn(**args, seed=s))["token_ids"] for s in (7, 8, 9)]
+        assert forked == alone and len({tuple(x) for x in forked}) == 3

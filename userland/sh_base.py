@@ -196,7 +196,8 @@ def run_command(ctx: Ctx, argv: list[str]) -> int:
     except SyscallError as err:
         if err.errno in UNREACHABLE or (err.errno == "ETIMEDOUT" and "the kernel" in err.message):
             ctx.drop()
-            ctx.error(f"kernel not reachable at {ctx.endpoint} ({err.message}); retrying on the next command")
+            then = "retrying on the next command" if ctx.interactive else "is it running? (`llmos kernel status`)"
+            ctx.error(f"kernel not reachable at {ctx.endpoint} ({err.errno}: {err.message}); {then}")
         else:
             ctx.error(f"{err.errno}: {err.message}")
         return 1

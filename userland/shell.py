@@ -114,7 +114,7 @@ class Shell:
                          f"`help` lists commands.", style="dim")
         except SyscallError as err:
             self.ctx.drop()
-            self.ctx.error(f"kernel not reachable at {self.ctx.endpoint} ({err.message}); retrying on the "
+            self.ctx.error(f"kernel not reachable at {self.ctx.endpoint} ({err.errno}: {err.message}); retrying on the "
                            f"next command (`llmos kernel start` starts one)")
 
     def prompt_text(self) -> str:

@@ -1,7 +1,8 @@
-"""``llmos demo``: a scripted tour of the kernel on the built-in tiny model.
+"""``llmos demo``: a scripted tour of llmos on the built-in tiny model (under a minute).
 
 It boots a private kernel (own state directory and socket, so it never touches yours), then
-shows what llmos does, step by step, and shuts it down. The default model has random weights:
+shows what llmos does, step by step — processes, priorities, fork, the file store, the knowledge
+graph, a tuner job, alerts, the OpenAI-compatible gateway — and shuts it down. The default model has random weights:
 its text is gibberish by design; what matters is what the kernel does with it.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from llmos.syscalls import locate
+from llmos.userland import demo_more
 from llmos.syscalls.client import connect
 from llmos.syscalls.errors import SyscallError
 
@@ -106,10 +108,7 @@ def tour(c) -> None:
     c.wait(chat)
 
     say("services: the file store and the knowledge graph (programs outside the kernel)")
-    up = lambda: {s["name"] for s in c.svc_list() if s["state"] == "up"} >= {"fs", "kg"}  # noqa: E731
-    deadline = time.monotonic() + 30
-    while not up() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    demo_more._services_up(c, {"fs", "kg", "tuner"})
     print("  " + ", ".join(f"{s['name']} (pid {s['pid']}, {len(s['calls'])} calls)" for s in c.svc_list()))
     st = c.call("fs_put", path="notes/hello.txt", data=b"Hello from the llmos file store")
     print(f"  fs_put notes/hello.txt: {st['size']} bytes, sha256 {st['sha256'][:12]}...; "
@@ -121,6 +120,9 @@ def tour(c) -> None:
     pid = c.spawn(prompt="Where does Ada work?", max_tokens=8, kg=True)
     print(f"  spawn(kg=True) added these facts before the prompt: {c.pinfo(pid)['kg_facts']}")
     c.wait(pid)
+
+    demo_more.tuner(c, say, show)
+    demo_more.alerts(c, say)
 
     say("meminfo: the paged KV pool")
     mem = c.meminfo()
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with connect(locate.default_socket(state), locate.saved_token(state)) as c:
             tour(c)
+            demo_more.gateway(c, locate.default_socket(state), locate.saved_token(state), say)
             say("shutdown")
             c.shutdown()
         kproc.wait(30)

@@ -8,6 +8,8 @@ the transcript, and the next message starts a new process from the whole convers
 """
 from __future__ import annotations
 
+import sys
+
 from llmos.syscalls.errors import SyscallError
 from llmos.userland.sh_base import arg, command
 from llmos.userland.sh_procs import stream_turn
@@ -36,7 +38,7 @@ class Chat:
             c.write(self.pid, messages=[{"role": "user", "content": text}])
         answer = ""
         try:
-            final = stream_turn(self.ctx, self.pid)
+            final = stream_turn(self.ctx, self.pid, markdown=self.args.markdown)
             answer = final.get("text", "")
             if final.get("finish_reason") in ("terminated", "killed", "error"):
                 self.ctx.say(f"[process {self.pid} ended: {final.get('finish_reason')}]", style="yellow")
@@ -92,6 +94,13 @@ class Chat:
         return True
 
 
+def _ask_piped(prompt: str) -> str:
+    """Messages from a pipe: show each one as if typed, so the transcript reads right."""
+    line = input()
+    print(prompt + line, flush=True)
+    return line
+
+
 @command("chat", "Chat with a model: one interactive process, streamed answers.",
          arg("model", nargs="?", help="model name (default: the kernel's default)"),
          arg("--adapter", help="LoRA adapter directory or loaded adapter name"),
@@ -100,6 +109,7 @@ class Chat:
          arg("-t", "--temperature", type=float, default=0.0),
          arg("--ignore-eos", action="store_true", help="answer until max-tokens (benchmarks)"),
          arg("-e", "--message", action="append", help="send this message (repeatable) instead of asking"),
+         arg("--markdown", action="store_true", help="render answers as markdown (on a terminal)"),
          json=False)
 def chat(ctx, a):
     chat = Chat(ctx, a)
@@ -111,10 +121,11 @@ def chat(ctx, a):
             chat.close()
         return
     ctx.say(f"chat with {a.model or 'the default model'}; {CHAT_HELP}", style="dim")
+    ask = ctx.ask if ctx.interactive or sys.stdin.isatty() else _ask_piped
     try:
         while True:
             try:
-                line = ctx.ask("you> ")
+                line = ask("you> ")
             except KeyboardInterrupt:
                 continue
             except EOFError:

@@ -1,6 +1,9 @@
 """Process commands: ps, spawn, read, write, wait, kill, stop, cont, nice, fork, pinfo."""
 from __future__ import annotations
 
+from rich.live import Live
+from rich.markdown import Markdown
+
 from llmos.userland import render
 from llmos.userland.sh_base import arg, command
 
@@ -8,9 +11,11 @@ SIGNALS = ("TERM", "KILL", "STOP", "CONT")
 _PID = arg("pid", type=int, help="process id")
 
 
-def stream_turn(ctx, pid: int, echo: bool = True) -> dict:
+def stream_turn(ctx, pid: int, echo: bool = True, markdown: bool = False) -> dict:
     """Stream the current turn of ``pid`` to the terminal; returns the final frame
-    (``text`` is the whole turn's text)."""
+    (``text`` is the whole turn's text). ``markdown`` re-renders the answer as it grows."""
+    if markdown and echo and ctx.console.is_terminal:
+        return _stream_markdown(ctx, pid)
     out, parts, last = ctx.console.file, [], {}
     for frame in ctx.client.read(pid):
         last = frame or {}
@@ -26,6 +31,16 @@ def stream_turn(ctx, pid: int, echo: bool = True) -> dict:
         out.write(render.printable(tail) + "\n")
         out.flush()
     return {**last, "text": "".join(parts) + (last.get("text") or "")}
+
+
+def _stream_markdown(ctx, pid: int) -> dict:
+    parts, last = [], {}
+    with Live(Markdown(""), console=ctx.console, refresh_per_second=8, vertical_overflow="visible") as view:
+        for frame in ctx.client.read(pid):
+            last = frame or {}
+            parts.append(last.get("text") or "")
+            view.update(Markdown(render.printable("".join(parts))))
+    return {**last, "text": "".join(parts)}
 
 
 @command("ps", "List processes (yours; root: --all for everyone's).",

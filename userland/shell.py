@@ -9,6 +9,7 @@ Ctrl-C interrupts the command, a kernel that went away is reconnected to on the 
 from __future__ import annotations
 
 import shlex
+import signal
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
@@ -121,6 +122,8 @@ class Shell:
         return "llmos> "
 
     def loop(self) -> int:
+        # A closed terminal (SIGHUP) unwinds like an exit, so a chat's process is ended, not left behind.
+        signal.signal(signal.SIGHUP, _hangup)
         self.greet()
         self.ctx.refresh_calls(max_age=0)
         while True:
@@ -151,6 +154,10 @@ class Shell:
             self.ctx.error(f"error: {type(err).__name__}: {err}")
         self.ctx.refresh_calls()
         return True
+
+
+def _hangup(signum, frame):
+    raise SystemExit(129)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ ACCEPTED = "\x1b[?2004l"  # prompt_toolkit leaves the prompt (bracketed paste of
 @pytest.fixture(scope="module")
 def kernel():
     k = KernelProc("--service", "kg", model="default").start()
+    with k.client() as c:                      # its calls are registered once it is up
+        wait_for(lambda: [s["state"] for s in c.svc_list()] == ["up"], timeout=60)
     yield k
     k.cleanup()
 

@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:                       # `llmos ps | head`
         return 0
+    except Exception as err:                      # a bug: one line (LLMOS_DEBUG=1 shows the traceback)
+        if os.environ.get("LLMOS_DEBUG"):
+            raise
+        print(f"llmos: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 def _usage(msg: str) -> int:

@@ -126,7 +126,7 @@ class Ctx:
             self._client.close()
             self._client = None
 
-    def call(self, name: str, **args):
+    def call(self, name: str, /, **args):
         """A call that may not exist yet (a service's, or a newer kernel's): ENOSYS says so."""
         try:
             return self.client.call(name, **{k: v for k, v in args.items() if v is not None})

@@ -130,10 +130,10 @@ def _tune(p):
         p,
         ("submit", "Fine-tune a LoRA adapter on a JSONL dataset in the file store.",
          [arg("dataset"), arg("-b", "--base", help="base model (default: the kernel's default)"),
-          arg("--name", help="adapter name"), arg("-p", "--priority", type=int, default=0),
+          arg("--name", help="adapter name"), arg("-p", "--priority", type=int, help="nice value of the job"),
           arg("--param", action="append", default=[], metavar="KEY=VALUE", help="training parameter"),
-          arg("--search", action="append", default=[], metavar="KEY=VALUES",
-              help="hyper-parameter search: a JSON list of values")]),
+          arg("--search", action="append", default=[], metavar="KEY=JSON",
+              help='hyper-parameter search, e.g. space=\'{"lr": [1e-4, 3e-4]}\' trials=4')]),
         ("status", "A job's state and progress.", [arg("job")]),
         ("list", "Your tuning jobs.", []),
         ("cancel", "Cancel a job.", [arg("job")]),
@@ -149,12 +149,14 @@ def tune(ctx, a):
         ctx.out(r, f"job {r.get('job')} submitted" if isinstance(r, dict) else None)
     elif a.sub == "status":
         r = ctx.call("tune_status", job=a.job)
-        ctx.out(r)
+        scalars = {k: v for k, v in r.items() if not isinstance(v, (dict, list))} if isinstance(r, dict) else r
+        ctx.out(r, render.view(scalars))          # trials and events: --json
     elif a.sub == "list":
         rows = ctx.call("tune_list")
-        ctx.out(rows, render.table(rows, [c for c in ("job", "name", "state", "trial", "trials", "step",
-                                                       "total_steps", "loss", "eval_loss", "eta_s", "adapter")
-                                          if any(c in r for r in rows)]) if rows else Text("no jobs", style="dim"))
+        cols = [c for c in ("job", "name", "state", "trial", "trials", "step", "total_steps", "loss", "eval_loss",
+                            "eta_s", "adapter") if any(c in r for r in rows)]
+        count = {"trials": lambda v: str(len(v)) if isinstance(v, list) else render.cell(v)}
+        ctx.out(rows, render.table(rows, cols, formats=count) if rows else Text("no jobs", style="dim"))
     else:
         r = ctx.call("tune_cancel", job=a.job)
         ctx.out(r, f"job {a.job} cancelled")

@@ -43,6 +43,7 @@ class ShellCompleter(Completer):
         if name == "help" and len(done) == 1:
             yield from _matching(current, visible_commands(self.ctx))
         elif name == "call" and len(done) == 1:
+            self.ctx.refresh_calls()            # a service started since the last command counts too
             yield from _matching(current, sorted(self.ctx.call_names()))
         elif name == "call" and len(done) >= 2 and "=" not in current:
             used = {w.split("=", 1)[0] for w in done[2:]}

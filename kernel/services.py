@@ -27,6 +27,7 @@ from llmos.syscalls.table import BY_NAME, Arg, Syscall, check_args
 
 log = logging.getLogger("llmos.kernel")
 HEARTBEAT_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 120.0         # importing torch and replaying logs can take a while on a busy machine
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 STABLE_S = 30.0                 # up this long: the next failure restarts fast again
 
@@ -116,8 +117,8 @@ class ServiceManager:
             if svc.state in ("starting", "up"):
                 if svc.proc.poll() is not None:
                     self._down(svc, f"exited with {svc.proc.returncode}")
-                elif now - svc.last_heartbeat > HEARTBEAT_TIMEOUT_S:
-                    self._down(svc, "missed heartbeats")
+                elif now - svc.last_heartbeat > (HEARTBEAT_TIMEOUT_S if svc.state == "up" else START_TIMEOUT_S):
+                    self._down(svc, "missed heartbeats" if svc.state == "up" else "did not register in time")
             elif svc.state == "down" and svc.restart_at is not None and now >= svc.restart_at:
                 svc.restarts += 1
                 self.start(svc.name)

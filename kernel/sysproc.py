@@ -189,7 +189,7 @@ def sys_kill(k, call):
         elif ps.parked_state.get(p.pid) is ProcState.STOPPED:
             del ps.parked_state[p.pid]
         return True
-    sched = ps.sched_of(p.pid)
+    sched, entry = ps.sched_of(p.pid), ps.model_of[p.pid]
     try:
         if sig == "STOP":
             sched.stop(p.pid)
@@ -200,7 +200,7 @@ def sys_kill(k, call):
             ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
     except (KeyError, ValueError) as exc:
         raise SyscallError("EBUSY", str(exc))
-    ps.model_of[p.pid].engine.idle = False
+    entry.engine.idle = False              # (the process may be reaped already: a wait was pending)
     return True
 
 

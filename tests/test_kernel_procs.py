@@ -170,3 +170,16 @@ def test_a_process_spawned_stopped_forks_at_its_prompt_into_seeded_samples(k):
         forked = [c.wait(p)["token_ids"] for p in [pid, *kids]]
         alone = [c.wait(c.spawn(**args, seed=s))["token_ids"] for s in (7, 8, 9)]
         assert forked == alone and len({tuple(x) for x in forked}) == 3
+
+
+def test_kill_of_a_process_someone_is_waiting_for_answers_both(k):
+    with k.client() as c, k.client() as waiter:
+        pid = c.spawn(prompt_ids=prompt_of(5, 1), max_tokens=50, ignore_eos=True, stopped=True)
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("r", waiter.wait(pid)))
+        t.start()
+        time.sleep(0.3)
+        assert c.kill(pid, "KILL") is True        # was EIO: the wait reaped it inside kill
+        t.join(30)
+        assert got["r"]["finish_reason"] == "killed"
+        assert errno_of(c.kill, pid) == "ESRCH"

@@ -62,8 +62,9 @@ def test_a_job_teaches_the_default_model_answers_that_spawn_uses(tk):
         c.call("fs_put", path="data/qa.jsonl", data=QA)
         sub = c.call("tune_submit", dataset="data/qa.jsonl", params=PARAMS, val_fraction=0.0, name="qa")
         assert sub["num_train"] == 8 and sub["adapter"] == "adapters/qa"
+        assert c.call("tune_status", job=sub["job"])["adapter"] is None      # not until it is done
         st = finished(c, sub["job"])
-        assert st["state"] == "done", st
+        assert st["state"] == "done" and st["adapter"] == "adapters/qa", st
         assert st["eval_loss"] * 5 <= st["initial_eval_loss"], st
         files = {f["path"] for f in c.call("fs_list", prefix="adapters/qa")}
         assert files == {f"adapters/qa/{n}" for n in ("adapter_config.json", "adapter_model.safetensors",
@@ -172,8 +173,8 @@ def test_a_job_survives_sigkill_of_the_tuner_and_resumes_from_its_checkpoint(tk)
         wait_for(lambda: c.call("tune_status", job=job)["step"] >= 25, timeout=120)
         pid = {s["name"]: s for s in root.svc_list()}["tuner"]["pid"]
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: {s["name"]: s for s in root.svc_list()}["tuner"]["state"] == "up"
-                 and {s["name"]: s for s in root.svc_list()}["tuner"]["pid"] != pid, timeout=60)
+        tuner = lambda: {s["name"]: s for s in root.svc_list()}["tuner"]  # noqa: E731
+        wait_for(lambda: (lambda t: t["state"] == "up" and t["pid"] != pid)(tuner()), timeout=120)
         st = finished(c, job)
         assert st["state"] == "done", st
         kinds = [e["event"] for e in c.call("tune_status", job=job, since=0)["events"]]

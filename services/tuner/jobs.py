@@ -75,6 +75,8 @@ class JobStore:
     def public(self, job: dict, since: int | None = None) -> dict:
         with self.lock:
             row = {k: v for k, v in job.items() if k not in ("events", "base_path")}
+            row["destination"] = job["adapter"]                   # where the adapter will land
+            row["adapter"] = job["adapter"] if job["state"] == "done" else None
             row["trials"] = [dict(t) for t in job["trials"]]
             events = job["events"]
             row["events"] = events[since:] if since is not None else events[-10:]

@@ -172,6 +172,17 @@ class BlockManager:
         proc.num_computed_tokens = len(matched) * bs
         return proc.num_computed_tokens
 
+    def first_uncached_hash(self, proc: Process, num_cached: int) -> int | None:
+        """The chained hash of ``proc``'s first full prompt block past its ``num_cached`` tokens
+        (None if there is none): two fresh processes with the same one would compute the same KV."""
+        bs, end = self.block_size, num_cached + self.block_size
+        if end > proc.num_prompt_tokens:
+            return None
+        h = seed_hash(proc.model, proc.adapter)
+        for i in range(0, end, bs):
+            h = chain_hash(h, proc.token_ids[i:i + bs])
+        return h
+
     def cache_full_blocks(self, proc: Process) -> None:
         """Register the hashes of blocks that are full and computed (call after update)."""
         bs = self.block_size

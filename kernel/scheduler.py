@@ -71,6 +71,7 @@ class _Step:
     preempted: list[tuple[int, str]] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)
+    prefilling: set[int] = field(default_factory=set)   # hashes of prompt blocks computed this step
 
     @property
     def busy_pids(self) -> set[int]:
@@ -155,6 +156,13 @@ class Scheduler:
         num_cached = 0
         if not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0:
             num_cached = bm.match_prefix(proc)
+            first = bm.first_uncached_hash(proc, num_cached)
+            if first is not None and first in step.prefilling:
+                if num_cached:          # another process computes these blocks now: share them next step
+                    bm.drop(proc)
+                return False
+            if first is not None:
+                step.prefilling.add(first)
         num_new = min(proc.num_uncomputed_tokens, step.budget)
         assert num_new > 0, f"runnable pid {proc.pid} has nothing to compute"
         if not self._make_room(proc, bm.num_blocks_needed(proc, num_new), step):

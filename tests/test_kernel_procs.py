@@ -167,9 +167,12 @@ def test_a_process_spawned_stopped_forks_at_its_prompt_into_seeded_samples(k):
         assert c.pinfo(pid)["state"] == "STOPPED" and c.pinfo(pid)["tokens_out"] == 0
         kids = c.fork(pid, n=2, seed=8)
         c.kill(pid, "CONT")
-        forked = [c.wait(p)["token_ids"] for p in [pid, *kids]]
+        results = [c.wait(p) for p in [pid, *kids]]
+        forked = [r["token_ids"] for r in results]
         alone = [c.wait(c.spawn(**args, seed=s))["token_ids"] for s in (7, 8, 9)]
         assert forked == alone and len({tuple(x) for x in forked}) == 3
+        # the prompt's 2 full blocks were computed once: the other two reused them
+        assert sorted(r["usage"]["cached_tokens"] for r in results) == [0, 8, 8]
 
 
 def test_kill_of_a_process_someone_is_waiting_for_answers_both(k):

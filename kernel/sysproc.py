@@ -179,7 +179,9 @@ def sys_kill(k, call):
     p = ps.get(call, call.args["pid"])
     if p.state.name == "ZOMBIE":
         raise SyscallError("ESRCH", f"process {p.pid} has exited (reap it with wait)")
-    if p.pid in ps.faulted and sig in ("TERM", "KILL"):      # still waiting for its model
+    if sig == "INT" and not p.interactive:
+        sig = "TERM"
+    if p.pid in ps.faulted and sig in ("TERM", "KILL", "INT"):      # still waiting for its model
         p.state = ProcState.ZOMBIE
         ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")
         return True
@@ -195,6 +197,9 @@ def sys_kill(k, call):
             sched.stop(p.pid)
         elif sig == "CONT":
             sched.cont(p.pid)
+        elif sig == "INT":                     # end the turn; the process waits for input
+            if sched.finish(p.pid, "interrupted"):
+                ps.turn_done(p.pid, "interrupted")
         else:
             sched.kill(p.pid)
             ps.turn_done(p.pid, "terminated" if sig == "TERM" else "killed")

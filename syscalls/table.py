@@ -159,8 +159,10 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="Wait for the process to end and reap it. An interactive process ends after its current turn.",
             returns="{pid, text, token_ids, finish_reason, events, usage:{prompt_tokens, completion_tokens, cached_tokens}, "
                     "accounting:{preemptions, swaps, recomputes}}"),
-    Syscall(15, "kill", (_pid(), Arg("sig", "str", default="TERM", choices=("TERM", "KILL", "STOP", "CONT"))),
-            cap="proc", doc="Send a signal: TERM/KILL end it, STOP pauses it (KV swapped first under pressure), CONT resumes.",
+    Syscall(15, "kill", (_pid(), Arg("sig", "str", default="TERM", choices=("TERM", "KILL", "STOP", "CONT", "INT"))),
+            cap="proc", doc="Send a signal: TERM/KILL end it, STOP pauses it (KV swapped first under pressure), CONT "
+                            "resumes, INT ends the current turn (an interactive process keeps its KV and waits for "
+                            "input: finish_reason 'interrupted'; others end as with TERM).",
             returns="true"),
     Syscall(16, "nice", (_pid(), Arg("value", "int", required=True, min=-20, max=19)), cap="proc",
             doc="Change a process's priority (nice value).", returns="{pid, nice}"),

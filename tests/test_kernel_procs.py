@@ -186,3 +186,18 @@ def test_kill_of_a_process_someone_is_waiting_for_answers_both(k):
         t.join(30)
         assert got["r"]["finish_reason"] == "killed"
         assert errno_of(c.kill, pid) == "ESRCH"
+
+
+def test_int_ends_a_turn_but_keeps_an_interactive_process(k):
+    with k.client() as c:
+        pid = c.spawn(prompt_ids=prompt_of(5, 2), max_tokens=50, ignore_eos=True, interactive=True, stopped=True)
+        c.kill(pid, "INT")
+        info = c.pinfo(pid)
+        assert info["state"] == "BLOCKED" and info["finish_reason"] == "interrupted"
+        c.write(pid, ids=prompt_of(3, 4), max_tokens=4)
+        assert [f for f in c.read(pid)][-1]["finish_reason"] == "length"     # the next turn runs
+        one = c.spawn(prompt_ids=prompt_of(5, 2), max_tokens=50, ignore_eos=True, stopped=True)
+        c.kill(one, "INT")                                                   # not interactive: ends
+        assert c.wait(one)["finish_reason"] == "terminated"
+        c.kill(pid, "KILL")
+        c.wait(pid)

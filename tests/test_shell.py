@@ -163,12 +163,17 @@ def test_ctrl_c_stops_a_long_answer_and_the_shell_goes_on(shell, client):
     shell.expect(r"\S")                         # the answer started streaming
     time.sleep(0.3)
     shell.sendintr()
-    shell.expect(r"answer stopped; process (\d+) ended")
+    shell.expect(r"answer stopped; process (\d+) waits")
     pid = int(shell.match.group(1))
     shell.expect_exact(CHAT)
-    assert pid not in [p["pid"] for p in client.ps()]
+    info = client.pinfo(pid)                    # the conversation is still one process...
+    assert info["state"] == "BLOCKED" and info["finish_reason"] == "interrupted", info
+    send(shell, "/pid")
+    shell.expect_exact(f"process {pid}")        # ...and the next message continues it
+    shell.expect_exact(CHAT)
     shell.sendline("/exit")
     shell.expect_exact(PROMPT)
+    assert pid not in [p["pid"] for p in client.ps()]
     pid = client.spawn(prompt="x", max_tokens=8)
     client.kill(pid, sig="STOP")                # so the wait below can only end by Ctrl-C
     send(shell, f"wait {pid}")                  # Ctrl-C interrupts any command, not the shell

@@ -1,10 +1,8 @@
 """``chat``: one conversation = one interactive process, continued turn by turn with ``write``.
 
-Ctrl-C stops the answer being streamed. The ABI has no signal that ends a turn and keeps the
-process (TERM and KILL end the process; STOP only pauses it mid-turn, and ``write`` needs a
-process waiting for input), so Ctrl-C ends the process with TERM and reaps it; the shell keeps
-the transcript, and the next message starts a new process from the whole conversation so far
-(the partial answer included). ``/exit`` or Ctrl-D ends the chat (and its process).
+Ctrl-C stops the answer being streamed: ``kill(pid, "INT")`` ends the turn and the process
+keeps its KV and waits for the next message, so the conversation stays one process (the
+partial answer is part of it). ``/exit`` or Ctrl-D ends the chat (and its process).
 """
 from __future__ import annotations
 
@@ -49,17 +47,16 @@ class Chat:
         self.messages.append({"role": "assistant", "content": answer})
 
     def _stop(self) -> str:
-        """Ctrl-C: end the process (see the module doc for why) and keep the partial answer."""
+        """Ctrl-C: end the turn (INT); the process keeps its KV and waits for the next message."""
         pid, c = self.pid, self.ctx.client
-        answer = ""
+        answer = "(interrupted)"          # the transcript; the process holds the real tokens
         try:
-            c.kill(pid, sig="TERM")
-            answer = (c.wait(pid, timeout=10.0) or {}).get("text") or ""
-        except SyscallError:
-            pass
-        self._forget()
-        self.ctx.say(f"[answer stopped; process {pid} ended (TERM). Your next message continues the "
-                     f"conversation in a new process.]", style="yellow")
+            c.kill(pid, sig="INT")
+        except SyscallError as err:
+            self.ctx.error(f"{err.errno}: {err.message}")
+            self._forget()
+            return answer
+        self.ctx.say(f"[answer stopped; process {pid} waits for your next message]", style="yellow")
         return answer
 
     def _forget(self) -> None:

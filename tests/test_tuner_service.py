@@ -8,17 +8,9 @@ import time
 import pytest
 
 from conftest import errno_of, wait_for
+from test_tuner_core import ALL_PROJECTIONS, PAIRS
 
-PAIRS = [("What is the capital of France?", " Paris"),
-         ("What color is the sky?", " blue"),
-         ("How many legs has a dog?", " four"),
-         ("Who wrote Hamlet?", " Shakespeare"),
-         ("What is two plus two?", " 4"),
-         ("What do cows drink?", " water"),
-         ("Where is the kernel?", " in memory"),
-         ("Say hello.", " hello world")]
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PARAMS = dict(rank=8, alpha=16, lr=1e-2, epochs=40, batch_size=8, seed=0, target_modules=ALL)
+PARAMS = dict(rank=8, alpha=16, lr=1e-2, epochs=40, batch_size=8, seed=0, target_modules=ALL_PROJECTIONS)
 ARGS = ("--device", "cpu", "--dtype", "float32", "--service", "fs", "--service", "tuner")
 
 

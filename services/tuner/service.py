@@ -27,12 +27,13 @@ from llmos.syscalls.table import Arg, Syscall
 
 FEEDBACK = "feedback"                 # tune_submit(dataset="feedback"): the feedback() records
 FEEDBACK_PATH = "feedback.jsonl"
+MAX_DATASET = 64 << 20                # checked while the caller waits: keep that short
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _JOB = Arg("job", "str", required=True, max_len=64)
 CALLS = (
     Syscall(0, "tune_submit", (
         Arg("dataset", "str", required=True, max_len=4096,
-            doc="JSONL in your file store (chat 'messages' or prompt/completion), or 'feedback'"),
+            doc="JSONL in your file store (chat 'messages' or prompt/completion; up to 64 MiB), or 'feedback'"),
         Arg("base_model", "str", max_len=512, doc="a kernel model name or a model directory; default: "
                                                   "the kernel's default model"),
         Arg("method", "str", default="lora", choices=("lora",)),
@@ -167,7 +168,7 @@ class TunerService(Service):
         fs = UserFs(self.kernel, uid)
         path = FEEDBACK_PATH if dataset == FEEDBACK else dataset
         try:
-            data = fs.read(path)
+            data = fs.read(path, max_bytes=MAX_DATASET)
         except SyscallError as err:
             raise SyscallError(err.errno, f"dataset {dataset!r}: {err.message}")
         try:

@@ -174,8 +174,7 @@ def test_ctrl_c_stops_a_long_answer_and_the_shell_goes_on(shell, client):
     shell.sendline("/exit")
     shell.expect_exact(PROMPT)
     assert pid not in [p["pid"] for p in client.ps()]
-    pid = client.spawn(prompt="x", max_tokens=8)
-    client.kill(pid, sig="STOP")                # so the wait below can only end by Ctrl-C
+    pid = client.spawn(prompt="x", max_tokens=8, stopped=True)   # so the wait below can only end by Ctrl-C
     send(shell, f"wait {pid}")                  # Ctrl-C interrupts any command, not the shell
     time.sleep(0.5)
     shell.sendintr()

@@ -246,6 +246,10 @@ def test_metrics_export_gateway_and_kernel_figures(http, oai):
     out = [line for line in text.splitlines() if line.startswith("llmos_gateway_tokens_out_total")]
     assert out and all(float(line.split()[-1]) > 0 for line in out)
     assert 'endpoint="/v1/chat/completions",status="200"' in text
+    # the kernel's own figures (stat): per-call counts, tokens, TTFT by priority as the kernel saw it
+    for name in ('llmos_calls_total{call="spawn"}', "llmos_tokens_out_total", "llmos_prefix_hit_tokens_total",
+                 'llmos_ttft_seconds_count{priority="5"}', 'llmos_itl_seconds_bucket{le="0.001",priority="5"}'):
+        assert name in text, name
 
 
 def test_health(http):

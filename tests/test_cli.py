@@ -13,9 +13,9 @@ from llmos.userland.top import render_top, with_rates
 
 @pytest.fixture(scope="module")
 def kernel():
-    k = KernelProc("--service", "fs", "--service", "kg", model="default").start()
+    k = KernelProc("--service", "fs", "--service", "kg", "--service", "tuner", model="default").start()
     with k.client() as c:
-        wait_for(lambda: all(s["state"] == "up" for s in c.svc_list()), timeout=60)
+        wait_for(lambda: all(s["state"] == "up" for s in c.svc_list()), timeout=120)
     yield k
     k.cleanup()
 
@@ -138,3 +138,18 @@ def test_legacy_subcommands_still_answer(kernel):
     r = llmos(kernel, "call", "whoami", "--json")
     assert json.loads(r.stdout)["user"] == "root"
     assert "spawn" in llmos(kernel, "help").stdout
+
+
+def test_tune_submit_status_and_list(kernel):
+    with kernel.client() as c:
+        c.call("fs_put", path="data/cli.jsonl", data=b'{"prompt": "Hi?", "completion": " hello"}\n'
+                                                      b'{"prompt": "Bye?", "completion": " goodbye"}\n')
+    r = as_json(kernel, "tune", "submit", "data/cli.jsonl", "--name", "cli", "--param", "epochs=3",
+                "--param", "rank=4", "--val-fraction", "0")
+    job = r["job"]
+    assert r["num_train"] == 2 and r["num_val"] == 0
+    wait_for(lambda: as_json(kernel, "tune", "status", job)["state"] == "done", timeout=120)
+    assert as_json(kernel, "tune", "status", job)["adapter"] == "adapters/cli"
+    assert job in llmos(kernel, "tune", "list").stdout
+    bad = llmos(kernel, "tune", "submit", "data/cli.jsonl", "--param", "rank=0")
+    assert bad.returncode == 1 and bad.stderr.startswith("EINVAL: ") and "rank" in bad.stderr

@@ -131,6 +131,7 @@ def _tune(p):
         ("submit", "Fine-tune a LoRA adapter on a JSONL dataset in the file store.",
          [arg("dataset"), arg("-b", "--base", help="base model (default: the kernel's default)"),
           arg("--name", help="adapter name"), arg("-p", "--priority", type=int, help="nice value of the job"),
+          arg("--val-fraction", type=float, help="held out for validation (0: validate on the training set)"),
           arg("--param", action="append", default=[], metavar="KEY=VALUE", help="training parameter"),
           arg("--search", action="append", default=[], metavar="KEY=JSON",
               help='hyper-parameter search, e.g. space=\'{"lr": [1e-4, 3e-4]}\' trials=4')]),
@@ -145,7 +146,8 @@ def _tune(p):
 def tune(ctx, a):
     if a.sub == "submit":
         r = ctx.call("tune_submit", dataset=a.dataset, base_model=a.base, name=a.name, priority=a.priority,
-                     params=kv_args(a.param) or None, search=kv_args(a.search) or None)
+                     params=kv_args(a.param) or None, search=kv_args(a.search) or None,
+                     val_fraction=a.val_fraction)
         ctx.out(r, f"job {r.get('job')} submitted" if isinstance(r, dict) else None)
     elif a.sub == "status":
         r = ctx.call("tune_status", job=a.job)

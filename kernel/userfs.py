@@ -45,6 +45,8 @@ def sys_feedback(k, call):
     io, entry = ps.io.get(proc.pid), ps.model_of[proc.pid]
     if io is None or not (io.turn_ids or io.text):
         raise SyscallError("EINVAL", f"process {proc.pid} has no output to rate yet")
+    if not io.turn_done:
+        raise SyscallError("EBUSY", f"process {proc.pid} is still answering; rate it when its turn ends")
     tok = entry.tokenizer
     record = {"prompt": tok.decode(proc.token_ids[:proc.turn_start], skip_special_tokens=True),
               "completion": io.text, "rating": a["rating"], "model": entry.name, "pid": proc.pid,

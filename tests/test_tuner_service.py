@@ -136,6 +136,10 @@ def test_feedback_becomes_a_dataset_the_tuner_trains_on(tk):
     k, alice = tk
     with k.client(alice) as c:
         assert errno_of(c.call, "tune_submit", dataset="feedback") == "ENOENT"
+        busy = c.spawn(prompt="x", max_tokens=4, stopped=True)
+        assert errno_of(c.feedback, pid=busy, rating=1) == "EINVAL"          # nothing to rate yet
+        c.kill(busy, "KILL")
+        c.wait(busy)
         for prompt, correct in PAIRS[:4]:
             pid = c.spawn(prompt=prompt, max_tokens=4, interactive=True)
             list(c.read(pid))

@@ -153,3 +153,12 @@ def test_tune_submit_status_and_list(kernel):
     assert job in llmos(kernel, "tune", "list").stdout
     bad = llmos(kernel, "tune", "submit", "data/cli.jsonl", "--param", "rank=0")
     assert bad.returncode == 1 and bad.stderr.startswith("EINVAL: ") and "rank" in bad.stderr
+
+
+def test_alerts_command_lists_and_sets_thresholds(kernel):
+    r = as_json(kernel, "alerts", "queue_wait_s", "12")
+    assert r["thresholds"]["queue_wait_s"] == 12.0 and "active" in r
+    assert "queue_wait_s" in llmos(kernel, "alerts").stdout
+    bad = llmos(kernel, "alerts", "nope", "1")
+    assert bad.returncode == 1 and bad.stderr.startswith("EINVAL: ")
+    assert llmos(kernel, "alerts", "kv_usage").returncode == 2

@@ -213,3 +213,18 @@ def test_the_shell_outlives_a_kernel_restart(start_kernel, home):
             k2.stop()
     finally:
         sh.close(force=True)
+
+
+def test_alerts_show_up_before_the_next_prompt(shell, client):
+    client.alert_set(name="kv_usage", threshold=0.0001)        # any KV in use fires it
+    try:
+        pid = client.spawn(prompt="hello", max_tokens=4, interactive=True)
+        list(client.read(pid))                                  # BLOCKED, holding its KV
+        wait_for(lambda: "kv_usage" in {a["name"] for a in client.alerts()["active"]})
+        out = run(shell, "whoami", "root")
+        assert "[alert] kv_usage firing" in out                 # shown before the next prompt...
+        run(shell, "alerts", "kv_usage", "yes")                 # ...and in the alerts table
+        client.kill(pid)
+        client.wait(pid)
+    finally:
+        client.alert_set(name="kv_usage", threshold=0.95)

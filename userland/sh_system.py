@@ -206,3 +206,20 @@ def help(ctx, a):
 @command("exit", "Leave the shell.", json=False, shell_only=True)
 def exit_(ctx, a):
     raise ExitShell()
+
+
+# -- alerts -------------------------------------------------------------------------------------
+@command("alerts", "Alerts firing now and their thresholds; `alerts NAME VALUE` sets one (admin, 0 = off).",
+         arg("name", nargs="?", help="kv_usage, queue_wait_s, swap_rate or service_down"),
+         arg("value", nargs="?", type=float, help="the new threshold"))
+def alerts(ctx, a):
+    if a.name is not None:
+        if a.value is None:
+            raise UsageError("usage: alerts [NAME VALUE]\nalerts: give a threshold after the alert's name")
+        ctx.call("alert_set", name=a.name, threshold=a.value)
+    r = ctx.call("alerts")
+    rows = [{"alert": name, "threshold": limit, "firing": "yes" if name in {x["name"] for x in r["active"]} else "",
+             "value": next((x["value"] for x in r["active"] if x["name"] == name), ""),
+             "message": next((x["message"] for x in r["active"] if x["name"] == name), "")}
+            for name, limit in sorted(r["thresholds"].items())]
+    ctx.out(r, render.table(rows, ("alert", "threshold", "firing", "value", "message")))

@@ -107,6 +107,7 @@ class Shell:
         self.chat_session = PromptSession(history=InMemoryHistory(), key_bindings=kb, multiline=True,
                                           prompt_continuation=lambda width, *_: "." * (width - 1) + " ")
         self.ctx.ask = lambda message: join_lines(self.chat_session.prompt(message))
+        self.alert_seq: int | None = None       # alert events up to here were shown (None: not asked yet)
 
     def greet(self) -> None:
         try:
@@ -122,12 +123,29 @@ class Shell:
     def prompt_text(self) -> str:
         return "llmos> "
 
+    def show_alerts(self) -> None:
+        """New alert events (the kernel's ``alerts``), one line each, before the next prompt."""
+        try:
+            r = self.ctx.client.alerts(since=self.alert_seq)
+        except (SyscallError, AttributeError):
+            return                               # no kernel just now (or an older one): nothing to say
+        if self.alert_seq is None:
+            for a in r.get("active", []):
+                self.ctx.say(f"[alert] {a.get('name')} firing: {a.get('message')}", style="yellow")
+        else:
+            for e in r.get("events", []):
+                style = "bold red" if e.get("state") == "firing" and e.get("severity") == "critical" else \
+                    "yellow" if e.get("state") == "firing" else "green"
+                self.ctx.say(f"[alert] {e.get('name')} {e.get('state')}: {e.get('message')}", style=style)
+        self.alert_seq = r.get("seq", self.alert_seq)
+
     def loop(self) -> int:
         # A closed terminal (SIGHUP) unwinds like an exit, so a chat's process is ended, not left behind.
         signal.signal(signal.SIGHUP, _hangup)
         self.greet()
         self.ctx.refresh_calls(max_age=0)
         while True:
+            self.show_alerts()
             try:
                 line = self.session.prompt(self.prompt_text())
             except KeyboardInterrupt:

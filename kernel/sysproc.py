@@ -93,6 +93,7 @@ def _spawn_kg(k, call, a: dict):
 
 def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
     ps, user = k.procs, call.user
+    check_priority(user, a["priority"])
     entry = ps.entry(a["model"])
     ids = ps.tokens_for(entry, a)
     stop = tuple(s for s in (a["stop"] or []) if isinstance(s, str) and s)
@@ -209,8 +210,15 @@ def sys_kill(k, call):
     return True
 
 
+def check_priority(user, nice: int) -> None:
+    """Negative nice values (ahead of everyone's default) need the ``prio`` capability."""
+    if nice < 0 and not (user.is_root or "prio" in user.caps):
+        raise SyscallError("EPERM", f"priority {nice} < 0 needs capability 'prio', which user {user.name} lacks")
+
+
 def sys_nice(k, call):
     p = k.procs.get(call, call.args["pid"])
+    check_priority(call.user, call.args["value"])
     if p.pid in k.procs.faulted:
         p.nice = call.args["value"]
     else:

@@ -13,7 +13,8 @@ from typing import Any
 
 from llmos.syscalls.errors import SyscallError
 
-CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "admin")     # what users can be granted
+CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "prio", "admin")   # what users can be granted
+# prio: may use negative nice values (more important than the default), like CAP_SYS_NICE
 SERVICE_CAP = "svc"          # held only by a running service's own token, never by a user
 TYPES = ("int", "float", "str", "bool", "bytes", "list", "map", "any")
 _PY_TYPES: dict[str, tuple[type, ...]] = {

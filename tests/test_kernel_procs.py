@@ -201,3 +201,17 @@ def test_int_ends_a_turn_but_keeps_an_interactive_process(k):
         assert c.wait(one)["finish_reason"] == "terminated"
         c.kill(pid, "KILL")
         c.wait(pid)
+
+
+def test_negative_nice_needs_the_prio_capability(k):
+    with k.client() as root:
+        plain = root.user_add(name="plain", caps=["proc"])["token"]
+        pid = root.spawn(prompt_ids=prompt_of(3, 1), max_tokens=2, priority=-5)     # root may
+        root.wait(pid)
+    with k.client(plain) as c:
+        assert errno_of(c.spawn, prompt_ids=prompt_of(3, 1), max_tokens=2, priority=-1) == "EPERM"
+        pid = c.spawn(prompt_ids=prompt_of(3, 1), max_tokens=2, priority=3, stopped=True)
+        assert errno_of(c.nice, pid, -2) == "EPERM"
+        assert c.nice(pid, 10)["nice"] == 10                                         # lowering is fine
+        c.kill(pid, "KILL")
+        c.wait(pid)

@@ -86,6 +86,8 @@ class TunerService(Service):
 
     # -- calls -------------------------------------------------------------------------------
     def submit(self, caller, dataset, base_model, method, params, search, priority, name, val_fraction):
+        if priority < 0 and caller["uid"] != 0 and "prio" not in caller.get("caps", ()):
+            raise SyscallError("EPERM", f"priority {priority} < 0 needs capability 'prio'")
         params = dict(params or {})
         TrainParams.from_dict(params)                                  # EINVAL on bad params
         base_name, base_path = self._base_model(base_model)

@@ -180,33 +180,45 @@ def test_a_job_survives_sigkill_of_the_tuner_and_resumes_from_its_checkpoint(tk)
         assert metrics["steps"] == 60
 
 
-def test_inference_revokes_the_tuners_lease_and_the_job_resumes_after(tmp_path):
-    """A device budget with room for the default model and the job's lease, not also a second
-    model: spawning on the second model pauses the job; it resumes when the model is idle."""
+@pytest.fixture(scope="module")
+def sizes(tmp_path_factory):
+    """Device bytes of the default model (weights + KV), of a second model, and of a job's lease."""
     from conftest import KernelProc
     from llmos.drivers.default_model import make_tiny_model
     from llmos.services.tuner.jobs import estimate_bytes
-    other = make_tiny_model("qwen3", tmp_path / "qwen3")
+    root = tmp_path_factory.mktemp("sizes")
+    other = make_tiny_model("qwen3", tmp_path_factory.mktemp("other") / "qwen3")
     args = (*ARGS, "--kv-blocks", "32", "--alias", f"other={other}")
-    params = dict(PARAMS, epochs=400)
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "k").mkdir()
-    k = KernelProc(*args, "--device-budget", str(1 << 34), model="default", state=tmp_path / "probe").start()
+    k = KernelProc(*args, "--device-budget", str(1 << 34), model="default", state=root).start()
     with k.client() as c:
         dev = c.free()["device"]
         row = c.model_load(name="other")
         default = {m["name"]: m for m in c.models()}["llmos-tiny-random"]
+        params = dict(PARAMS, epochs=400)
         lease = estimate_bytes(default["path"], params, 1024)
     k.stop()
     k.cleanup()
-    resident = dev["weights"] + dev["kv"]
-    budget = int((resident + lease + (row["bytes"] + row["kv_bytes"]) // 2) / 0.95)
-    k = KernelProc(*args, "--device-budget", str(budget), model="default", state=tmp_path / "k").start()
+    return dict(args=args, params=params, resident=dev["weights"] + dev["kv"],
+                other=row["bytes"] + row["kv_bytes"], lease=lease)
+
+
+def budget_kernel(tmp_path, sizes, budget: float):
+    from conftest import KernelProc
+    k = KernelProc(*sizes["args"], "--device-budget", str(int(budget / 0.95)), model="default",
+                   state=tmp_path).start()
+    with k.client() as c:
+        wait_for(lambda: {s["name"]: s["state"] for s in c.svc_list()}.get("tuner") == "up", timeout=120)
+        c.call("fs_put", path="qa.jsonl", data=QA)
+    return k
+
+
+def test_inference_revokes_the_tuners_lease_and_the_job_resumes_after(tmp_path, sizes):
+    """A device budget with room for the default model and the job's lease, not also a second
+    model: spawning on the second model pauses the job; it resumes when the model is idle."""
+    k = budget_kernel(tmp_path, sizes, sizes["resident"] + sizes["lease"] + sizes["other"] // 2)
     try:
         with k.client() as c:
-            wait_for(lambda: {s["name"]: s["state"] for s in c.svc_list()}.get("tuner") == "up", timeout=120)
-            c.call("fs_put", path="qa.jsonl", data=QA)
-            job = c.call("tune_submit", dataset="qa.jsonl", params=params, val_fraction=0.0, name="p")["job"]
+            job = c.call("tune_submit", dataset="qa.jsonl", params=sizes["params"], val_fraction=0.0, name="p")["job"]
             wait_for(lambda: c.call("tune_status", job=job)["step"] > 5, timeout=120)
             assert [x["holder"] for x in c.mm_leases()] == ["svc:tuner"]
             pid = c.spawn(model="other", prompt="hello", max_tokens=4, priority=0)
@@ -216,6 +228,19 @@ def test_inference_revokes_the_tuners_lease_and_the_job_resumes_after(tmp_path):
             assert "paused" in states and st["state"] == "done", states
             assert st["trials"][0]["steps"] == st["total_steps"]
             assert c.mm_leases() == []
+    finally:
+        k.stop()
+        k.cleanup()
+
+
+def test_a_lease_that_can_never_fit_fails_the_job_clearly(tmp_path, sizes):
+    k = budget_kernel(tmp_path, sizes, sizes["resident"] + sizes["lease"] // 2)
+    try:
+        with k.client() as c:
+            job = c.call("tune_submit", dataset="qa.jsonl", params=sizes["params"], val_fraction=0.0, name="n")["job"]
+            st = finished(c, job)
+            assert st["state"] == "failed" and st["error"].startswith("ENOMEM: lease of"), st
+            assert "can never fit" in st["error"] and c.call("fs_list", prefix="adapters/n") == []
     finally:
         k.stop()
         k.cleanup()

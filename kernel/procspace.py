@@ -170,7 +170,7 @@ class ProcSpace:
             if io is None:
                 continue
             if ev.kind == "token" and not io.turn_done:
-                nice = self.model_of[ev.pid].engine.sched.procs[ev.pid].nice
+                nice = engine.sched.procs[ev.pid].nice
                 if io.last_token_at is None:
                     metrics.first_token(nice, now - io.turn_started_at)
                 else:

@@ -65,12 +65,14 @@ def plain_copy(src: str, dst: str) -> float:
     return wall
 
 
-def llmos_put(c, src: str, path: str, chunk: int, sha: str) -> float:
+def llmos_put(c, src: str, path: str, chunk: int, sha: str, window: int = 1) -> float:
+    """An upload with ``window`` fs_writes in flight (1: each waits for the one before)."""
     t0 = time.perf_counter()
     handle = c.call("fs_write_open", path=path)["handle"]
     with open(src, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            c.call("fs_write", handle=handle, data=block)
+        chunks = ({"handle": handle, "data": block} for block in iter(lambda: f.read(chunk), b""))
+        for _ in c.pipeline("fs_write", chunks, window=window):
+            pass
     st = c.call("fs_write_commit", handle=handle, _timeout=600)
     wall = time.perf_counter() - t0
     assert st["sha256"] == sha, "stored content differs from the source"
@@ -124,6 +126,7 @@ def main() -> int:
     ap.add_argument("--size", type=size_arg, default=1 << 30, help="file size (e.g. 1GiB, 256MiB; default 1GiB)")
     ap.add_argument("--chunk", type=size_arg, default=4 * MiB, help="fs_write chunk (default 4MiB)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--window", type=int, default=4, help="fs_writes in flight for the pipelined put")
     ap.add_argument("--dir", default=tempfile.gettempdir(),
                     help="where the source, the plain copy and the kernel's state go (one disk)")
     a = ap.parse_args()
@@ -135,7 +138,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="llmos-fsbench-", dir=a.dir)
     src, dst = os.path.join(work, "source"), os.path.join(work, "copy")
     k = None
-    put, get, hashing, copy, sput, sget = [], [], [], [], [], []
+    put, pput, get, hashing, copy, sput, sget = [], [], [], [], [], [], []
     try:
         t0 = time.perf_counter()
         sha = make_source(src, a.size)
@@ -158,6 +161,8 @@ def main() -> int:
             for r in range(a.repeat):
                 copy.append(plain_copy(src, dst))
                 put.append(llmos_put(c, src, "bench/big", a.chunk, sha))
+                c.call("fs_rm", path="bench/big")
+                pput.append(llmos_put(c, src, "bench/big", a.chunk, sha, window=a.window))
                 g, hs = llmos_get(c, "bench/big", a.size, sha)
                 get.append(g)
                 hashing.append(hs)
@@ -170,13 +175,14 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     mb = a.size / 1e6
-    put_r, get_r, copy_r, sput_r, sget_r = ([mb / t for t in xs] for xs in (put, get, copy, sput, sget))
+    put_r, pput_r, get_r, copy_r, sput_r, sget_r = ([mb / t for t in xs] for xs in (put, pput, get, copy, sput, sget))
     p_med, g_med, c_med = bc.med(put_r), bc.med(get_r), bc.med(copy_r)
     fmt = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
     print(f"fs throughput: one {a.size / MiB:.0f} MiB file of random bytes; fs_write chunks of "
           f"{a.chunk / MiB:g} MiB, fs_read frames of 1 MiB; disk of {a.dir}; {os.cpu_count()} cores; "
           f"median of {a.repeat} (source written in {gen:.1f} s)")
     print(f"  llmos put (fs_write_open/fs_write/fs_write_commit) {p_med:8.0f} MB/s   runs: {fmt(put_r)}")
+    print(f"  llmos put, {a.window} fs_writes in flight (pipeline)   {bc.med(pput_r):8.0f} MB/s   runs: {fmt(pput_r)}")
     print(f"  llmos get (streamed fs_read, sha256 on the client)  {g_med:8.0f} MB/s   runs: {fmt(get_r)}"
           f"   (client hashing: median {bc.med(hashing):.2f} s of {bc.med(get):.2f} s)")
     print(f"  plain copy (shutil.copyfile + fsync)               {c_med:8.0f} MB/s   runs: {fmt(copy_r)}")
@@ -184,6 +190,8 @@ def main() -> int:
           f"(runs: {fmt(sput_r)}), get+sha256 {bc.med(sget_r):.0f} MB/s (runs: {fmt(sget_r)})")
     print(f"  ratio put / plain copy   {p_med / c_med:6.2f}x   (median of per-run ratios "
           f"{bc.med([p / q for p, q in zip(put_r, copy_r)]):.2f}x)")
+    print(f"  ratio pipelined put / plain copy {bc.med(pput_r) / c_med:6.2f}x   (pipelined / one at a time "
+          f"{bc.med([p / q for p, q in zip(pput_r, put_r)]):.2f}x, median of per-run ratios)")
     print(f"  ratio get / plain copy   {g_med / c_med:6.2f}x   (median of per-run ratios "
           f"{bc.med([p / q for p, q in zip(get_r, copy_r)]):.2f}x)")
     return 0

@@ -38,6 +38,8 @@ class Client:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)    # never queue requests for a kernel that isn't there
         self._sock.connect(socket)
         self._boot_id: str | None = None
+        self._inflight: set[int] = set()            # pipelined requests not yet answered
+        self._early: dict[int, dict] = {}           # their replies that came before their turn
 
     # -- the generic call -------------------------------------------------------------------
     def call(self, name: str | int, /, *, _timeout: float | None = None, **args) -> Any:
@@ -60,6 +62,33 @@ class Client:
             yield result
             if not more:
                 return
+
+    def pipeline(self, name: str | int, args_seq, /, *, window: int = 4,
+                 _timeout: float | None = None) -> Iterator[Any]:
+        """Make the call ``name`` once per argument map in ``args_seq`` with up to ``window``
+        requests in flight, and yield the results in order — e.g. the chunks of an upload, so
+        sending the next overlaps the kernel and the service handling this one. The first
+        error raises; requests already sent are still answered, and their replies dropped."""
+        pending: list[int] = []
+        args_iter = iter(args_seq)
+        try:
+            while True:
+                while len(pending) < window and (args := next(args_iter, None)) is not None:
+                    rid = self._send(name, args)
+                    self._inflight.add(rid)
+                    pending.append(rid)
+                if not pending:
+                    return
+                rid = pending.pop(0)
+                try:
+                    result = self._recv(rid, _timeout, blocking=False)[0]
+                finally:
+                    self._inflight.discard(rid)
+                yield result
+        finally:
+            for rid in pending:
+                self._inflight.discard(rid)
+                self._early.pop(rid, None)
 
     def close(self) -> None:
         self._sock.close(0)
@@ -92,6 +121,11 @@ class Client:
         """Wait for the next frame of request ``rid``; stale frames of older requests are dropped."""
         limit = None if (blocking and timeout is None) else (timeout or self.timeout)
         start = last_heard = time.monotonic()
+        early = self._early.pop(rid, None)
+        if early is not None:
+            if not early.get("ok"):
+                raise SyscallError.from_wire(early.get("error"))
+            return early.get("result"), bool(early.get("more"))
         while True:
             now = time.monotonic()
             if limit is not None and now - start > limit:
@@ -108,6 +142,8 @@ class Client:
                 if not env.get("ok"):
                     raise SyscallError.from_wire(env.get("error"))
                 return env.get("result"), bool(env.get("more"))
+            if env is not None and env.get("id") in self._inflight:
+                self._early[env["id"]] = env           # a pipelined request's: kept for its turn
 
     def _probe(self, pending_rid: int) -> dict | None:
         """Check that the kernel that owns our pending call is still the one running.

@@ -177,3 +177,16 @@ def test_a_kernel_that_stops_answering_times_out(kernel):
     finally:
         kernel.proc.send_signal(18)  # SIGCONT
     assert c.uname()                 # and works again afterwards
+
+
+def test_pipelined_calls_answer_in_order_and_the_first_error_raises(root):
+    users = list(root.pipeline("user_add", ({"name": f"p{i}"} for i in range(20)), window=5))
+    assert [u["user"] for u in users] == [f"p{i}" for i in range(20)]
+    seq = [{"name": "q0"}, {"name": "p3"}, {"name": "q1"}]          # p3 exists: EEXIST
+    got = []
+    with pytest.raises(SyscallError) as e:
+        for u in root.pipeline("user_add", seq, window=3):
+            got.append(u["user"])
+    assert e.value.errno == "EEXIST" and got == ["q0"]
+    assert root.whoami()["user"] == "root"            # the late reply of q1 was dropped, not mistaken
+    assert "q1" in {u["user"] for u in root.user_list()}

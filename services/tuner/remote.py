@@ -33,8 +33,10 @@ class UserFs:
             return self.call("fs_put", path=path, data=data, overwrite=True)
         handle = self.call("fs_write_open", path=path, overwrite=True)["handle"]
         try:
-            for i in range(0, len(data), PUT_CHUNK):
-                self.call("fs_write", handle=handle, data=data[i:i + PUT_CHUNK])
+            chunks = ({"call": "fs_write", "args": {"handle": handle, "data": data[i:i + PUT_CHUNK]},
+                       "uid": self.uid} for i in range(0, len(data), PUT_CHUNK))
+            for _ in self.c.pipeline("svc_call", chunks, window=4):
+                pass
             return self.call("fs_write_commit", handle=handle)
         except BaseException:
             try:

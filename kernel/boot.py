@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                    help="start this service at boot (repeatable): built-in or an llmos.services plug-in; "
                         "default: fs, kg and tuner")
     p.add_argument("--no-services", action="store_true", help="start no services at boot")
+    p.add_argument("--delegate", action="append", default=[], metavar="NAME",
+                   help="let plug-in service NAME make calls on behalf of users (svc_call); built-ins may")
     p.add_argument("--service-call-timeout", type=float, default=60.0,
                    help="seconds a service may take to answer a call (ETIMEDOUT after)")
     p.add_argument("--alert", action="append", default=[], metavar="NAME=VALUE",
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
         kv_quota_blocks=a.kv_quota_blocks, device_budget=a.device_budget, host_budget=a.host_budget,
         aliases=dict(_alias(x) for x in a.alias), alerts=dict(_alert(x) for x in a.alert),
-        service_call_timeout=a.service_call_timeout,
+        service_call_timeout=a.service_call_timeout, delegates=list(a.delegate),
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
 

@@ -68,6 +68,7 @@ class KernelConfig:
     services: list = field(default_factory=list)  # services started at boot
     service_call_timeout: float = 60.0     # seconds a service may take to answer (or between frames)
     alerts: dict = field(default_factory=dict)    # alert name -> threshold (``--alert``)
+    delegates: list = field(default_factory=list) # plug-ins allowed svc_call (built-ins always are)
 
 
 @dataclass

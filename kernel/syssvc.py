@@ -40,7 +40,10 @@ def sys_svc_reply(k, call):
 
 def sys_svc_call(k, call):
     """A service calls another service's call as one of our users (checked as if they made it)."""
-    _caller_service(k, call)
+    svc = _caller_service(k, call)
+    if svc.name not in BUILTIN_SERVICES and svc.name not in k.cfg.delegates:
+        raise SyscallError("EPERM", f"service {svc.name} may not act for users (the kernel's --delegate "
+                                    f"option allows a plug-in to)")
     name, uid = call.args["call"], call.args["uid"]
     target = k.services.lookup(name)
     if target is None:

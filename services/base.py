@@ -57,6 +57,13 @@ class Service:
     def setup(self) -> None:
         """Open files, replay logs: runs before registering, so calls only arrive when ready."""
 
+    def kernel_client(self, timeout: float = 60.0):
+        """A new ABI client with this service's identity, for calls of its own: ``mm_lease``,
+        or ``svc_call`` to use another service as a user (built-ins, or plug-ins started with
+        ``--delegate``). One per thread; never from a handler to this same service."""
+        from llmos.syscalls.client import Client
+        return Client(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_SERVICE_TOKEN"], timeout=timeout)
+
     # -- the receive/reply loop ---------------------------------------------------------------
     def run(self, socket: str | None = None, token: str | None = None) -> None:
         socket = socket or os.environ["LLMOS_SOCKET"]

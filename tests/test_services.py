@@ -91,3 +91,17 @@ def test_a_call_the_service_never_answers_times_out_in_the_kernel(start_kernel):
         t0 = time.monotonic()
         assert errno_of(c.call, "echo_hang") == "ETIMEDOUT"
         assert time.monotonic() - t0 < 4                  # the kernel's deadline, before any heartbeat loss
+
+
+@pytest.mark.parametrize("delegate", [False, True])
+def test_a_plugin_acts_for_users_only_when_delegated(start_kernel, delegate):
+    k = start_kernel("--service", "echo", "--service", "fs", *(("--delegate", "echo") if delegate else ()))
+    with k.client() as root:
+        wait_for(lambda: {s["name"]: s["state"] for s in root.svc_list()} == {"echo": "up", "fs": "up"})
+        alice = root.user_add("alice")
+        with k.client(alice["token"]) as a:
+            a.call("fs_put", path="mine.txt", data=b"x")
+        if delegate:
+            assert [f["path"] for f in root.call("echo_ls_as", uid=alice["uid"])] == ["mine.txt"]
+        else:
+            assert errno_of(root.call, "echo_ls_as", uid=alice["uid"]) == "EPERM"

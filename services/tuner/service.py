@@ -71,9 +71,6 @@ class TunerService(Service):
         threading.Thread(target=self.runner.loop, name="tuner-worker", daemon=True).start()
         self._kc: Client | None = None
 
-    def kernel_client(self) -> Client:
-        return Client(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_SERVICE_TOKEN"], timeout=60.0)
-
     def handlers(self):
         return {"tune_submit": self.submit, "tune_status": self.status, "tune_list": self.list,
                 "tune_cancel": self.cancel}

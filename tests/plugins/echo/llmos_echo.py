@@ -15,10 +15,13 @@ class EchoService(Service):
                 doc="Stream 0..n-1."),
         Syscall(0, "echo_crash", cap="fs", doc="Exit at once (the kernel restarts the service)."),
         Syscall(0, "echo_hang", cap="fs", doc="Stop answering and heartbeating."),
+        Syscall(0, "echo_ls_as", (Arg("uid", "int", required=True, min=0),), cap="fs",
+                doc="List uid's files through fs, as uid (needs --delegate echo)."),
     )
 
     def handlers(self):
-        return {"echo": self.echo, "echo_count": self.count, "echo_crash": self.crash, "echo_hang": self.hang}
+        return {"echo": self.echo, "echo_count": self.count, "echo_crash": self.crash, "echo_hang": self.hang,
+                "echo_ls_as": self.ls_as}
 
     def echo(self, caller, text):
         return {"text": text, "caller": caller, "pid": os.getpid()}
@@ -31,3 +34,7 @@ class EchoService(Service):
 
     def hang(self, caller):
         time.sleep(3600)
+
+    def ls_as(self, caller, uid):
+        with self.kernel_client() as k:
+            return k.call("svc_call", call="fs_list", args={}, uid=uid)

@@ -60,3 +60,17 @@ def test_a_failed_chunk_aborts_the_upload():
         UserFs(k, uid=7).put("b", b"y" * (PUT_CHUNK * 3))
     assert err.value.errno == "EDQUOT"
     assert "b" not in k.files and k.sent[-1][0] == "fs_write_abort"
+
+
+def test_steps_left_counts_this_rung_and_the_ones_after():
+    from llmos.services.tuner.jobs import steps_left
+    from llmos.services.tuner.search import check
+    search = check({"space": {"lr": [1e-3, 1e-2]}, "trials": 4, "strategy": "halving", "eta": 2})
+    job = {"search": search, "num_train": 8,
+           "trials": [{"id": i, "params": {"batch_size": 8, "epochs": 8}, "state": "pending", "steps": 0,
+                       "rung": None} for i in range(4)]}
+    # 8 steps per trial; rungs: 4 trials to 2 steps, 2 to 4, 1 to 8
+    assert steps_left(job, 0) == 4 * 2 + 2 * (4 - 2) + 1 * (8 - 4)
+    job["trials"][0].update(state="done", steps=2, rung=0)
+    job["trials"][1].update(state="running", steps=1)
+    assert steps_left(job, 0) == 1 + 2 + 2 + 4 + 4

@@ -118,6 +118,8 @@ def test_cancel_mid_run_publishes_nothing_and_jobs_are_private(tk):
         job = c.call("tune_submit", dataset="data/qa.jsonl", name="never",
                      params=dict(PARAMS, epochs=100000))["job"]
         wait_for(lambda: c.call("tune_status", job=job)["step"] > 2, timeout=120)
+        running = c.call("tune_status", job=job)
+        assert running["state"] == "running" and running["eta_s"] > 0 and running["tokens_per_s"] > 0
         with k.client() as root:
             assert job in {j["job"] for j in root.call("tune_list")}
         bob = k.client().user_add(name="bob")["token"]

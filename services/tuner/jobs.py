@@ -109,6 +109,20 @@ def estimate_bytes(model_path: str, params: dict, max_len: int) -> int:
     return int(on_disk * scale + lora + acts + (8 << 20))
 
 
+def steps_left(job: dict, rung: int) -> int:
+    """Training steps until the job is done: what this rung's trials still have to train, and
+    the rungs after it (survivors continue from where they stopped)."""
+    plan = searchlib.rungs(job["search"])
+    budgets = {t["id"]: full_steps(t["params"], job["num_train"]) for t in job["trials"]}
+    alive = [t for t in job["trials"] if t["state"] != "pruned"]
+    left = sum(max(0, math.ceil(budgets[t["id"]] * plan[rung][1]) - t["steps"]) for t in alive
+               if not (t["state"] == "done" and t["rung"] == rung))
+    mean = sum(budgets.values()) / max(1, len(budgets))
+    for i in range(rung + 1, len(plan)):
+        left += plan[i][0] * mean * (plan[i][1] - plan[i - 1][1])
+    return int(left)
+
+
 class Runner:
     """The worker thread's job loop."""
 
@@ -198,7 +212,7 @@ class Runner:
             rate = job.get("tokens_per_s") or p["tokens_per_s"]
             job["tokens_per_s"] = round(0.8 * rate + 0.2 * p["tokens_per_s"], 1)
             step_s = p.get("step_s")
-            job["eta_s"] = round(step_s * (target - p["step"]), 1) if step_s else None
+            job["eta_s"] = round(step_s * steps_left(job, rung), 1) if step_s else None
             if time.monotonic() - last_save[0] > 1.0:
                 last_save[0] = time.monotonic()
                 event(job, "progress", trial=t["id"], step=p["step"], loss=p["loss"], eval_loss=p["eval_loss"])

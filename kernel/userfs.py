@@ -6,13 +6,17 @@
 * ``spawn(adapter="adapters/x")``: an adapter path that is not an absolute local directory
   names a directory in the caller's file store. The kernel asks ``fs`` to export it into a
   local directory named by its content (so a retrained adapter is a new one) and spawns with
-  that. Both reply when ``fs`` has answered; the loop never waits.
+  that; a user's ``KEEP_EXPORTS`` most recently used exports stay cached. Both reply when ``fs``
+  has answered; the loop never waits.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
+from pathlib import Path
 
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User
@@ -20,6 +24,7 @@ from llmos.syscalls.errors import SyscallError
 
 log = logging.getLogger("llmos.kernel")
 FEEDBACK_PATH = "feedback.jsonl"
+KEEP_EXPORTS = 16              # exported adapters kept per user beyond those in use
 
 
 def _answer(k, call, work) -> callable:
@@ -70,9 +75,25 @@ def spawn_with_store_adapter(k, call, then) -> object:
     dest = str(k.cfg.state_dir / "cache" / "adapters" / str(call.user.uid))
 
     def spawn(result):
+        os.utime(result["dir"])                   # last used: the cache keeps the recent ones
+        prune_cache(k, Path(dest))
         return then({**call.args, "adapter": result["dir"]})
     try:
         k.services.ask("fs_export", {"prefix": path, "dest_root": dest}, as_kernel, _answer(k, call, spawn))
     except SyscallError as err:
         raise SyscallError(err.errno, f"adapter {path!r} is a file-store path and {err.message}")
     return PENDING_REPLY
+
+
+def prune_cache(k, root: Path, keep: int = KEEP_EXPORTS) -> None:
+    """Drop a user's exported adapters beyond the ``keep`` most recently used, except those a
+    live process or a resident model still names (a model coming back reloads from the path)."""
+    dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    if len(dirs) <= keep:
+        return
+    in_use = {p.adapter for p in k.procs.all_procs() if p.adapter}
+    drivers = [e.engine.driver if e.engine else e.host_driver for e in k.procs.models.entries.values()]
+    in_use |= {a["name"] for d in drivers if d is not None for a in d.adapters()}
+    for d in dirs[keep:]:
+        if str(d) not in in_use:
+            shutil.rmtree(d, ignore_errors=True)

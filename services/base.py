@@ -15,16 +15,20 @@ The kernel starts it (``python -m llmos.services.run NAME``) with ``LLMOS_SOCKET
 one-time ``LLMOS_SERVICE_TOKEN`` in the environment. The service registers its table, then
 receives ``{"id", "call", "args", "caller": {uid, user, caps}}`` messages (arguments already
 checked against its schema by the kernel, the caller already authenticated) and answers each
-with ``svc_reply``; a handler may also yield several results (a stream). It sends
+with ``svc_reply``; a handler may also yield several results (a stream). Calls named in
+``threaded`` run on worker threads (their handlers may block, e.g. on the kernel) while the
+loop keeps serving and heartbeating; their replies go out through the loop's socket. It sends
 ``svc_heartbeat`` every ``HEARTBEAT_S`` seconds; the kernel restarts a service that misses them.
 """
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 import traceback
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import msgpack
@@ -49,6 +53,7 @@ def schema_of(sc: Syscall) -> dict:
 class Service:
     name: str = ""
     calls: tuple[Syscall, ...] = ()
+    threaded: frozenset[str] = frozenset()   # calls whose handlers may block: run on worker threads
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """Call name -> method(caller, **args). Explicit: wire names are never looked up with getattr."""
@@ -79,19 +84,40 @@ class Service:
         self._request("svc_register", {"name": self.name, "calls": [schema_of(sc) for sc in self.calls],
                                        "pid": os.getpid()})
         next_beat = time.monotonic() + HEARTBEAT_S
+        self._done: queue.SimpleQueue = queue.SimpleQueue()     # replies from worker threads
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{self.name}-call")
+        self._busy = 0
         while True:
-            if sock.poll(max(1, int((next_beat - time.monotonic()) * 1000))):
+            wait = next_beat - time.monotonic()
+            if sock.poll(max(1, int((min(wait, 0.02) if self._busy else wait) * 1000))):
                 msg = msgpack.unpackb(sock.recv(), raw=False)
                 if "call" in msg and "caller" in msg:
-                    self._serve(table, msg)
+                    if msg["call"] in self.threaded:
+                        self._busy += 1
+                        self._workers.submit(self._serve, table, msg, self._done.put)
+                    else:
+                        self._serve(table, msg)
                 elif msg.get("ok") is False and msg.get("error", {}).get("errno") == "EACCES":
                     return                      # our token was revoked: the kernel replaced us
+            while not self._done.empty():       # the socket is this thread's: workers hand replies over
+                self._busy -= 1
+                self._reply(*self._done.get())
             if time.monotonic() >= next_beat:
                 self._request("svc_heartbeat", {"name": self.name})
                 next_beat = time.monotonic() + HEARTBEAT_S
 
-    def _serve(self, table: dict, msg: dict) -> None:
+    def _serve(self, table: dict, msg: dict, hand_over=None) -> None:
+        """Run one call; on a worker thread (``hand_over`` given) its one reply is handed over."""
         kid, call, caller = msg["id"], msg["call"], msg["caller"]
+        if hand_over is not None:
+            try:
+                hand_over((kid, True, table[call](caller, **msg.get("args", {}))))
+            except SyscallError as err:
+                hand_over((kid, False, err.to_wire()))
+            except Exception as exc:
+                log.error("%s.%s crashed: %s", self.name, call, traceback.format_exc())
+                hand_over((kid, False, SyscallError("EIO", f"{type(exc).__name__}: {exc}").to_wire()))
+            return
         try:
             out = table[call](caller, **msg.get("args", {}))
             if isinstance(out, Iterator):

@@ -105,3 +105,18 @@ def test_a_plugin_acts_for_users_only_when_delegated(start_kernel, delegate):
             assert [f["path"] for f in root.call("echo_ls_as", uid=alice["uid"])] == ["mine.txt"]
         else:
             assert errno_of(root.call, "echo_ls_as", uid=alice["uid"]) == "EPERM"
+
+
+def test_a_threaded_call_may_block_while_the_service_serves_and_heartbeats(svc_kernel):
+    import threading
+    with svc_kernel.client() as root:
+        pid = echo_state(root)["pid"]
+        got = {}
+        slow = threading.Thread(target=lambda: got.setdefault("r", svc_kernel.client().call("echo_slow", seconds=6.5)))
+        slow.start()
+        time.sleep(0.5)
+        assert root.call("echo", text="meanwhile")["text"] == "meanwhile"    # not stuck behind it
+        slow.join(30)
+        assert got["r"] == {"slept": 6.5, "caller": "root"}
+        row = echo_state(root)
+        assert row["state"] == "up" and row["pid"] == pid and row["restarts"] == 0   # past 5 s of heartbeats

@@ -60,6 +60,7 @@ CALLS = (
 class TunerService(Service):
     name = "tuner"
     calls = CALLS
+    threaded = frozenset({"tune_submit"})    # it reads the dataset through the kernel
 
     def setup(self) -> None:
         import torch
@@ -69,7 +70,7 @@ class TunerService(Service):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runner = Runner(self.store, self.kernel_client, device)
         threading.Thread(target=self.runner.loop, name="tuner-worker", daemon=True).start()
-        self._kc: Client | None = None
+        self._local = threading.local()
 
     def handlers(self):
         return {"tune_submit": self.submit, "tune_status": self.status, "tune_list": self.list,
@@ -77,9 +78,11 @@ class TunerService(Service):
 
     @property
     def kernel(self) -> Client:
-        if self._kc is None:
-            self._kc = self.kernel_client()
-        return self._kc
+        """This thread's client (submissions run on worker threads; a Client is one thread's)."""
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = self.kernel_client()
+        return c
 
     # -- calls -------------------------------------------------------------------------------
     def submit(self, caller, dataset, base_model, method, params, search, priority, name, val_fraction):

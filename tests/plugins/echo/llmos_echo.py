@@ -17,11 +17,14 @@ class EchoService(Service):
         Syscall(0, "echo_hang", cap="fs", doc="Stop answering and heartbeating."),
         Syscall(0, "echo_ls_as", (Arg("uid", "int", required=True, min=0),), cap="fs",
                 doc="List uid's files through fs, as uid (needs --delegate echo)."),
+        Syscall(0, "echo_slow", (Arg("seconds", "float", required=True, min=0, max=60),),
+                doc="Answer after a while, on a worker thread (the service keeps serving)."),
     )
+    threaded = frozenset({"echo_slow", "echo_ls_as"})
 
     def handlers(self):
         return {"echo": self.echo, "echo_count": self.count, "echo_crash": self.crash, "echo_hang": self.hang,
-                "echo_ls_as": self.ls_as}
+                "echo_ls_as": self.ls_as, "echo_slow": self.slow}
 
     def echo(self, caller, text):
         return {"text": text, "caller": caller, "pid": os.getpid()}
@@ -38,3 +41,7 @@ class EchoService(Service):
     def ls_as(self, caller, uid):
         with self.kernel_client() as k:
             return k.call("svc_call", call="fs_list", args={}, uid=uid)
+
+    def slow(self, caller, seconds):
+        time.sleep(seconds)
+        return {"slept": seconds, "caller": caller["user"]}

@@ -111,3 +111,8 @@ class Alerts:
 
     def wait(self, call, since: int, seconds: float) -> None:
         self.waiters.append(Waiter(call, since, time.monotonic() + seconds))
+
+    def shutdown(self) -> None:
+        for w in self.waiters:
+            self.k.send_error(w.call.identity, w.call.rid, SyscallError("ECANCELED", "kernel shutting down"))
+        self.waiters.clear()

@@ -129,6 +129,7 @@ class Kernel:
         finally:
             self.services.stop_all()
             self.procs.shutdown()
+            self.alerts.shutdown()
             self.io.stop()
             log.info("kernel down")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -69,3 +70,23 @@ def test_a_bad_alert_flag_stops_the_boot_with_a_message():
         parse_args(["--alert", "kv_usage=lots"])
     assert "NAME=VALUE" in str(e.value)
     assert parse_args(["--alert", "swap_rate=2"]).alerts == {"swap_rate": 2.0}
+
+
+def test_a_subscriber_learns_the_kernel_is_shutting_down(start_kernel):
+    k = start_kernel(model="none")
+    got = {}
+    with k.client() as c:
+        seq = c.alerts()["seq"]
+
+        def subscribe():
+            with k.client() as sub:
+                try:
+                    sub.alerts(since=seq, wait=60.0)
+                except Exception as err:          # noqa: BLE001 - the errno is what we check
+                    got["errno"] = getattr(err, "errno", repr(err))
+        t = threading.Thread(target=subscribe)
+        t.start()
+        time.sleep(0.5)
+        c.shutdown()
+        t.join(30)
+    assert got["errno"] == "ECANCELED"

@@ -94,43 +94,35 @@ class Service:
                 if "call" in msg and "caller" in msg:
                     if msg["call"] in self.threaded:
                         self._busy += 1
-                        self._workers.submit(self._serve, table, msg, self._done.put)
+                        self._workers.submit(self._serve, table, msg, lambda *r: self._done.put(r))
                     else:
-                        self._serve(table, msg)
+                        self._serve(table, msg, self._reply)
                 elif msg.get("ok") is False and msg.get("error", {}).get("errno") == "EACCES":
                     return                      # our token was revoked: the kernel replaced us
             while not self._done.empty():       # the socket is this thread's: workers hand replies over
-                self._busy -= 1
-                self._reply(*self._done.get())
+                kid, ok, payload, more = self._done.get()
+                self._busy -= not more
+                self._reply(kid, ok, payload, more)
             if time.monotonic() >= next_beat:
                 self._request("svc_heartbeat", {"name": self.name})
                 next_beat = time.monotonic() + HEARTBEAT_S
 
-    def _serve(self, table: dict, msg: dict, hand_over=None) -> None:
-        """Run one call; on a worker thread (``hand_over`` given) its one reply is handed over."""
+    def _serve(self, table: dict, msg: dict, send) -> None:
+        """Run one call and ``send(kid, ok, payload, more)`` each frame of its answer."""
         kid, call, caller = msg["id"], msg["call"], msg["caller"]
-        if hand_over is not None:
-            try:
-                hand_over((kid, True, table[call](caller, **msg.get("args", {}))))
-            except SyscallError as err:
-                hand_over((kid, False, err.to_wire()))
-            except Exception as exc:
-                log.error("%s.%s crashed: %s", self.name, call, traceback.format_exc())
-                hand_over((kid, False, SyscallError("EIO", f"{type(exc).__name__}: {exc}").to_wire()))
-            return
         try:
             out = table[call](caller, **msg.get("args", {}))
             if isinstance(out, Iterator):
                 for item in out:
-                    self._reply(kid, True, item, more=True)
-                self._reply(kid, True, None, more=False)
+                    send(kid, True, item, True)
+                send(kid, True, None, False)
             else:
-                self._reply(kid, True, out)
+                send(kid, True, out, False)
         except SyscallError as err:
-            self._reply(kid, False, err.to_wire())
+            send(kid, False, err.to_wire(), False)
         except Exception as exc:          # a bug answers EIO; the service keeps serving
             log.error("%s.%s crashed: %s", self.name, call, traceback.format_exc())
-            self._reply(kid, False, SyscallError("EIO", f"{type(exc).__name__}: {exc}").to_wire())
+            send(kid, False, SyscallError("EIO", f"{type(exc).__name__}: {exc}").to_wire(), False)
 
     def _reply(self, kid: int, ok: bool, payload: Any, more: bool = False) -> None:
         args = {"id": kid, "ok": ok, "more": more, ("result" if ok else "error"): payload}

@@ -49,8 +49,7 @@ class LeaseTable:
 
     def grant(self, models, holder: str, nbytes: int, priority: int, purpose: str) -> Lease:
         """Lease ``nbytes`` of the device budget, evicting idle models if that makes it fit."""
-        pinned = sum(e.weight_bytes + e.engine.kv_bytes for e in models.entries.values()
-                     if e.where == "device" and e.pinned)
+        pinned = models.pinned_bytes()
         never = models.device_budget - models.reserve - pinned
         if nbytes > never:
             raise SyscallError("ENOMEM", f"lease of {nbytes} bytes can never fit: device budget "

@@ -229,10 +229,14 @@ class ModelManager:
         blocks = self.cfg.kv_blocks or math.ceil(ctx / self.cfg.block_size)
         return blocks * self.cfg.block_size * layers * 2 * kv_heads * head_dim * self._dtype_bytes()
 
+    def pinned_bytes(self, besides: ModelEntry | None = None) -> int:
+        """Device bytes of pinned models (never evicted), ``besides`` excluded."""
+        return sum(e.weight_bytes + e.engine.kv_bytes for e in self.entries.values()
+                   if e.where == "device" and e.pinned and e is not besides)
+
     def check_fits(self, entry: ModelEntry) -> None:
         need = entry.weight_bytes + self.min_kv_bytes(entry)
-        pinned = sum(e.weight_bytes + e.engine.kv_bytes for e in self.entries.values()
-                     if e.where == "device" and e.pinned and e is not entry)
+        pinned = self.pinned_bytes(besides=entry)
         room = self.device_budget - self.reserve - pinned
         if need > room:
             raise SyscallError("ENOMEM", f"model {entry.name!r} needs {need} bytes (weights {entry.weight_bytes} "
@@ -245,13 +249,11 @@ class ModelManager:
         less important than ``nice`` (they are preempted for recompute and wait for their
         model, like any preemption). False if it must wait."""
         need = entry.weight_bytes + self.min_kv_bytes(entry)
-        order = lambda e: (-e.nice, e.last_used)  # noqa: E731
-        others = [e for e in self.entries.values() if e.where == "device" and not e.pinned and e is not entry]
-        idle = sorted((e for e in others if not _in_use(e)), key=order)
-        busy = sorted((e for e in others if _in_use(e)), key=order)
-        while self.free_bytes() < need and idle:
-            self.evict(idle.pop(0))
-        if self.free_bytes() < need and self.leases.revoke_for(nice, need - self.free_bytes()) >= need - self.free_bytes():
+        self.make_room_bytes(need, besides=entry)
+        busy = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
+                       and e is not entry and _in_use(e)), key=_eviction_order)
+        short = need - self.free_bytes()
+        if short > 0 and self.leases.revoke_for(nice, short) >= short:
             return False            # leases are being given back: the load waits for them
         if self.free_bytes() < need and self.free_bytes() + sum(
                 e.weight_bytes + e.engine.kv_bytes for e in busy) >= need:
@@ -262,10 +264,11 @@ class ModelManager:
                     self.evict(e)
         return self.free_bytes() >= need
 
-    def make_room_bytes(self, need: int) -> bool:
-        """Room for ``need`` bytes outside any model (a lease): idle models go, LRU first."""
+    def make_room_bytes(self, need: int, besides: ModelEntry | None = None) -> bool:
+        """Evict idle models (not ``besides``) until ``need`` bytes are free — those last used by
+        the least important processes first, then least recently used; True if that did it."""
         idle = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
-                       and not _in_use(e)), key=lambda e: (-e.nice, e.last_used))
+                       and e is not besides and not _in_use(e)), key=_eviction_order)
         while self.free_bytes() < need and idle:
             self.evict(idle.pop(0))
         return self.free_bytes() >= need
@@ -294,6 +297,10 @@ class ModelManager:
 
     def engines(self) -> list[Engine]:
         return [e.engine for e in self.entries.values() if e.engine is not None]
+
+
+def _eviction_order(e: ModelEntry) -> tuple:
+    return -e.nice, e.last_used
 
 
 def _in_use(entry: ModelEntry) -> bool:

@@ -80,3 +80,13 @@ def test_a_holder_that_goes_away_loses_its_leases():
     mm.leases.grant(mm, "svc:tuner", 500, 0, "")
     mm.leases.drop_holder("svc:tuner")
     assert mm.leases.rows() == [] and mm.free_bytes() == 1000
+
+
+def test_a_revoked_lease_not_released_in_time_is_taken_back(monkeypatch):
+    from llmos.kernel import leases
+    mm = manager()
+    lease = mm.leases.grant(mm, "svc:tuner", 500, 10, "")
+    assert mm.leases.revoke_for(0, 500) == 500 and lease.state == "revoked"
+    assert mm.leases.expire() is False                        # within the grace period: still counted
+    monkeypatch.setattr(leases, "REVOKE_GRACE_S", -1.0)
+    assert mm.leases.expire() is True and mm.free_bytes() == 1000

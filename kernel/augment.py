@@ -7,12 +7,10 @@ The spawn's reply waits for the facts; ``pinfo`` lists the facts that were added
 """
 from __future__ import annotations
 
-import logging
-
 from llmos.kernel.procio import PENDING_REPLY
+from llmos.kernel.services import answer_later
 from llmos.syscalls.errors import SyscallError
 
-log = logging.getLogger("llmos.kernel")
 HEADER = "Facts you know:\n"
 
 
@@ -28,20 +26,13 @@ def spawn_with_facts(k, call, spawn, a: dict) -> object:
     else:
         raise SyscallError("EINVAL", "kg augmentation needs a prompt or messages, not prompt_ids")
 
-    def on_reply(ok: bool, result) -> None:
-        try:
-            if not ok:
-                raise result
-            facts = [f for f in result if isinstance(f, str)]
-            k.reply(call, spawn(k, call, with_facts(a, facts), facts))
-        except SyscallError as err:
-            k.send_error(call.identity, call.rid, err)
-        except Exception as exc:         # never let one spawn's bug reach the loop
-            log.exception("kg spawn failed")
-            k.send_error(call.identity, call.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
+    def spawn_with(result):
+        facts = [f for f in result if isinstance(f, str)]
+        return spawn(k, call, with_facts(a, facts), facts)
 
     k.services.ask("kg_facts", {"text": text, "max_tokens": a["kg_budget"],
-                                "graph": "all" if kg is True else kg}, call.user, on_reply)
+                                "graph": "all" if kg is True else kg}, call.user,
+                   answer_later(k, call, spawn_with))
     return PENDING_REPLY
 
 

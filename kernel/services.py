@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User, hash_token
 from llmos.syscalls.abi import encode_reply
 from llmos.syscalls.errors import SyscallError
@@ -225,6 +226,24 @@ class ServiceManager:
                  "state": s.state, "restarts": s.restarts, "calls_served": s.calls_served,
                  "calls": sorted(s.calls), "uptime_s": round(now - s.started_at, 1) if s.state == "up" else 0}
                 for s in self.services.values()]
+
+
+def answer_later(k, call, work):
+    """An ``ask`` reply handler: ``work(result)`` answers ``call`` (or returns ``PENDING_REPLY``
+    when a further step will); a refusal or a bug in ``work`` answers with an error."""
+    def on_reply(ok: bool, result) -> None:
+        try:
+            if not ok:
+                raise result
+            out = work(result)
+            if out is not PENDING_REPLY:
+                k.reply(call, out)
+        except SyscallError as err:
+            k.send_error(call.identity, call.rid, err)
+        except Exception as exc:             # one call's bug never reaches the loop
+            log.exception("%s failed after a service's answer", call.sc.name)
+            k.send_error(call.identity, call.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
+    return on_reply
 
 
 def _syscall_of(c: dict, service: str) -> Syscall:

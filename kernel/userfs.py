@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -20,28 +19,11 @@ from pathlib import Path
 
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User
+from llmos.kernel.services import answer_later
 from llmos.syscalls.errors import SyscallError
 
-log = logging.getLogger("llmos.kernel")
 FEEDBACK_PATH = "feedback.jsonl"
 KEEP_EXPORTS = 16              # exported adapters kept per user beyond those in use
-
-
-def _answer(k, call, work) -> callable:
-    """An fs reply handler that runs ``work(result)`` and answers ``call`` with what it returns."""
-    def on_reply(ok: bool, result) -> None:
-        try:
-            if not ok:
-                raise result
-            out = work(result)
-            if out is not PENDING_REPLY:          # else the next step answers
-                k.reply(call, out)
-        except SyscallError as err:
-            k.send_error(call.identity, call.rid, err)
-        except Exception as exc:             # one call's bug never reaches the loop
-            log.exception("fs-backed call failed")
-            k.send_error(call.identity, call.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
-    return on_reply
 
 
 def sys_feedback(k, call):
@@ -60,7 +42,7 @@ def sys_feedback(k, call):
         record["correction"] = a["correction"]
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
     k.services.ask("fs_append", {"path": FEEDBACK_PATH, "data": line}, call.user,
-                   _answer(k, call, lambda r: {"path": FEEDBACK_PATH, "records": r["lines"]}))
+                   answer_later(k, call, lambda r: {"path": FEEDBACK_PATH, "records": r["lines"]}))
     return PENDING_REPLY
 
 
@@ -79,7 +61,7 @@ def spawn_with_store_adapter(k, call, then) -> object:
         prune_cache(k, Path(dest))
         return then({**call.args, "adapter": result["dir"]})
     try:
-        k.services.ask("fs_export", {"prefix": path, "dest_root": dest}, as_kernel, _answer(k, call, spawn))
+        k.services.ask("fs_export", {"prefix": path, "dest_root": dest}, as_kernel, answer_later(k, call, spawn))
     except SyscallError as err:
         raise SyscallError(err.errno, f"adapter {path!r} is a file-store path and {err.message}")
     return PENDING_REPLY

@@ -62,7 +62,7 @@ class Alerts:
         waits = [now - ps.io[p.pid].turn_started_at for p in ps.all_procs()
                  if p.state in (ProcState.READY, ProcState.SWAPPED, ProcState.BLOCKED) and p.pid in ps.io
                  and ps.io[p.pid].last_token_at is None and not ps.io[p.pid].turn_done]
-        swaps = sum(p.num_swaps for p in ps.all_procs()) + self.k.metrics.retired["num_swaps"]
+        swaps = self.k.metrics.totals(ps.all_procs())["num_swaps"]
         self.swaps.append((now, swaps))
         while self.swaps[0][0] < now - SWAP_WINDOW_S:
             self.swaps.popleft()

@@ -57,11 +57,16 @@ class Metrics:
         for name in PROC_COUNTERS:
             self.retired[name] += getattr(proc, name)
 
-    def report(self, live_procs) -> dict:
+    def totals(self, live_procs) -> Counter:
+        """PROC_COUNTERS summed over live processes and those already reaped."""
         totals = Counter(self.retired)
         for p in live_procs:
             for name in PROC_COUNTERS:
                 totals[name] += getattr(p, name)
+        return totals
+
+    def report(self, live_procs) -> dict:
+        totals = self.totals(live_procs)
         return {"tokens_in": totals["tokens_in"], "tokens_out": totals["tokens_out"],
                 "preemptions": totals["num_preemptions"], "swaps": totals["num_swaps"],
                 "recomputes": totals["num_recomputes"], "prefix_hit_tokens": totals["num_cached_tokens"],

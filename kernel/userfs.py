@@ -21,8 +21,8 @@ from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User
 from llmos.kernel.services import answer_later
 from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import FEEDBACK_PATH
 
-FEEDBACK_PATH = "feedback.jsonl"
 KEEP_EXPORTS = 16              # exported adapters kept per user beyond those in use
 
 

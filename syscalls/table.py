@@ -85,6 +85,7 @@ def _pid(doc="process id"):
     return Arg("pid", "int", required=True, min=1, max=2**31 - 1, doc=doc)
 
 
+FEEDBACK_PATH = "feedback.jsonl"   # where feedback() records go in a user's file store (the tuner reads it)
 _TEXT = 1 << 20        # longest prompt/text accepted in one call (characters)
 _IDS = 1 << 17         # longest token-id list
 _SAMPLING = (
@@ -231,7 +232,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                              Arg("correction", "str", max_len=_TEXT, doc="what the answer should have been")),
             cap="proc",
             doc="Record a process's prompt and latest output (and the correction) in your feedback dataset "
-                "(feedback.jsonl in your file store); tune_submit(dataset='feedback') trains on it.",
+                f"({FEEDBACK_PATH} in your file store); tune_submit(dataset='feedback') trains on it.",
             returns="{path, records}"),
     Syscall(34, "alerts", (Arg("since", "int", min=0, doc="also return the events after this sequence number"),
                            Arg("wait", "float", default=0.0, min=0.0, max=3600.0,

@@ -164,13 +164,11 @@ class Runner:
                        key=lambda t: t["eval_loss"] if t["eval_loss"] == t["eval_loss"] else math.inf)
             job["best_trial"] = best["id"]
             self._publish(client, job, best)
-            for t in job["trials"]:
-                shutil.rmtree(self.store.dir(job) / f"trial-{t['id']}", ignore_errors=True)
+            self._drop_trials(job)
             self._set(job, "done", finished=time.time(), message="")
         except Stop:
             if job["job"] in self.store.cancel:
-                for t in job["trials"]:
-                    shutil.rmtree(self.store.dir(job) / f"trial-{t['id']}", ignore_errors=True)
+                self._drop_trials(job)
                 self._set(job, "cancelled", finished=time.time(), message="cancelled")
         except SyscallError as err:
             self._set(job, "failed", error=f"{err.errno}: {err.message}", finished=time.time())
@@ -179,6 +177,11 @@ class Runner:
             traceback.print_exc()
         finally:
             lease.release()
+
+    def _drop_trials(self, job: dict) -> None:
+        """The trials' checkpoints and rung adapters: not needed once the job has ended."""
+        for t in job["trials"]:
+            shutil.rmtree(self.store.dir(job) / f"trial-{t['id']}", ignore_errors=True)
 
     def _stop_asked(self, job: dict) -> bool:
         return self.stopping or job["job"] in self.store.cancel

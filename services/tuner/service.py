@@ -23,10 +23,9 @@ from llmos.services.tuner.remote import UserFs
 from llmos.services.tuner.train import TrainParams
 from llmos.syscalls.client import Client
 from llmos.syscalls.errors import SyscallError
-from llmos.syscalls.table import Arg, Syscall
+from llmos.syscalls.table import FEEDBACK_PATH, Arg, Syscall
 
 FEEDBACK = "feedback"                 # tune_submit(dataset="feedback"): the feedback() records
-FEEDBACK_PATH = "feedback.jsonl"
 MAX_DATASET = 64 << 20                # checked while the caller waits: keep that short
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _JOB = Arg("job", "str", required=True, max_len=64)
@@ -89,7 +88,6 @@ class TunerService(Service):
         if priority < 0 and caller["uid"] != 0 and "prio" not in caller.get("caps", ()):
             raise SyscallError("EPERM", f"priority {priority} < 0 needs capability 'prio'")
         params = dict(params or {})
-        TrainParams.from_dict(params)                                  # EINVAL on bad params
         base_name, base_path = self._base_model(base_model)
         if search is not None:
             search = searchlib.check(search)
@@ -97,7 +95,7 @@ class TunerService(Service):
         else:
             search = {"space": {}, "trials": 1, "strategy": "random", "eta": 3, "seed": 0}
             sampled = [params]
-        for p in sampled:
+        for p in sampled:                                              # EINVAL on bad params
             TrainParams.from_dict(p)
         if name is not None and not _NAME.match(name):
             raise SyscallError("EINVAL", "name: letters, digits, '.', '_', '-' (at most 64)")

@@ -58,7 +58,8 @@ def spawn_with_store_adapter(k, call, then) -> object:
 
     def spawn(result):
         os.utime(result["dir"])                   # last used: the cache keeps the recent ones
-        prune_cache(k, Path(dest))
+        if result.get("created"):                 # the cache grew: trim it
+            prune_cache(k, Path(dest))
         return then({**call.args, "adapter": result["dir"]})
     try:
         k.services.ask("fs_export", {"prefix": path, "dest_root": dest}, as_kernel, answer_later(k, call, spawn))

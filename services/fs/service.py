@@ -66,7 +66,7 @@ CALLS = (
     Syscall(0, "fs_export", (Arg("prefix", "str", required=True, max_len=4096), _OWNER,
                              Arg("dest_root", "str", required=True, max_len=4096)), cap="svc",
             doc="(kernel and services) Copy the files under prefix into a local directory named by their "
-                "content, under dest_root; it appears whole or not at all.", returns="{dir, files}"),
+                "content, under dest_root; it appears whole or not at all.", returns="{dir, files, created}"),
 )
 
 
@@ -210,6 +210,7 @@ class FsService(Service):
         digest = hashlib.sha256(repr(files).encode()).hexdigest()[:32]
         root = Path(dest_root)
         dest = root / digest
+        created = False
         if not dest.is_dir():
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
@@ -221,8 +222,9 @@ class FsService(Service):
                         for chunk in self.store.iter_read(uid, f"{prefix}/{rel}", CHUNK, owner=owner):
                             out.write(chunk)
                 os.rename(tmp, dest)
+                created = True
             except FileExistsError:
                 pass                      # exported meanwhile by an earlier call: same content
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return {"dir": str(dest), "files": [rel for rel, _ in files]}
+        return {"dir": str(dest), "files": [rel for rel, _ in files], "created": created}

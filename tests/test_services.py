@@ -120,3 +120,12 @@ def test_a_threaded_call_may_block_while_the_service_serves_and_heartbeats(svc_k
         assert got["r"] == {"slept": 6.5, "caller": "root"}
         row = echo_state(root)
         assert row["state"] == "up" and row["pid"] == pid and row["restarts"] == 0   # past 5 s of heartbeats
+
+
+def test_a_service_that_starts_slowly_is_waited_for_not_restarted(start_kernel, monkeypatch):
+    monkeypatch.setenv("LLMOS_ECHO_SETUP_S", "6.5")        # past the 5 s heartbeat limit of a running one
+    k = start_kernel("--service", "echo")
+    with k.client() as root:
+        assert echo_state(root)["state"] == "starting"
+        wait_for(lambda: echo_state(root).get("state") == "up", timeout=60)
+        assert echo_state(root)["restarts"] == 0

@@ -22,6 +22,9 @@ class EchoService(Service):
     )
     threaded = frozenset({"echo_slow", "echo_ls_as"})
 
+    def setup(self):
+        time.sleep(float(os.environ.get("LLMOS_ECHO_SETUP_S", "0")))     # a slow start (imports, logs)
+
     def handlers(self):
         return {"echo": self.echo, "echo_count": self.count, "echo_crash": self.crash, "echo_hang": self.hang,
                 "echo_ls_as": self.ls_as, "echo_slow": self.slow}

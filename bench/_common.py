@@ -65,6 +65,13 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
     return dtype or ("bfloat16" if device == "cuda" else "float32")
 
 
+def setup(args) -> tuple[str, str, str, str]:
+    """From the shared model arguments: (threads line, device, dtype, model path)."""
+    threads = apply_threads(args)
+    device = resolve_device(args.device)
+    return threads, device, resolve_dtype(args.dtype, device), model_path(args)
+
+
 def model_path(args) -> str:
     """The checkpoint to benchmark, built on first use for the random shapes."""
     if args.model:

@@ -35,10 +35,7 @@ def main() -> int:
     ap.add_argument("--full", type=float, default=0.9, help="blocks_used/blocks_total that counts as saturated")
     a = ap.parse_args()
 
-    threads = bc.apply_threads(a)
-    device = bc.resolve_device(a.device)
-    dtype = bc.resolve_dtype(a.dtype, device)
-    path = bc.model_path(a)
+    threads, device, dtype, path = bc.setup(a)
     vocab, max_pos, _ = bc.model_info(path)
     max_model_len = min(max_pos, a.kv_blocks * a.block_size)      # what the kernel will use
     prompts = bc.make_prompts(a.num_procs, a.prompt_lo, a.prompt_hi, vocab, seed=3)

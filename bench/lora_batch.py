@@ -113,10 +113,7 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)     # transformers' deprecations
-    threads = bc.apply_threads(a)
-    device = bc.resolve_device(a.device)
-    dtype = bc.resolve_dtype(a.dtype, device)
-    path = bc.model_path(a)
+    threads, device, dtype, path = bc.setup(a)
     vocab, _, pad_id = bc.model_info(path)
     adapters = make_adapters(path, a.adapters, a.rank, TARGETS)
     names = [(f"a{i}", p) for i, p in enumerate(adapters)]

@@ -64,10 +64,7 @@ def main() -> int:
     ap.add_argument("--max-batched-tokens", type=int, default=1024)
     a = ap.parse_args()
 
-    threads = bc.apply_threads(a)
-    device = bc.resolve_device(a.device)
-    dtype = bc.resolve_dtype(a.dtype, device)
-    path = bc.model_path(a)
+    threads, device, dtype, path = bc.setup(a)
     vocab, _, _ = bc.model_info(path)
     load_prompts = bc.make_prompts(a.load, a.load_prompt, a.load_prompt, vocab, seed=1)
     # Every probe gets its own prompt, so the prefix cache never serves it.

@@ -68,10 +68,7 @@ def main() -> int:
 
     import torch
     from transformers import AutoModelForCausalLM
-    threads = bc.apply_threads(a)
-    device = bc.resolve_device(a.device)
-    dtype = bc.resolve_dtype(a.dtype, device)
-    path = bc.model_path(a)
+    threads, device, dtype, path = bc.setup(a)
     vocab, _, pad_id = bc.model_info(path)
     prompt_sets = [bc.make_prompts(a.num_procs, a.prompt_lo, a.prompt_hi, vocab, a.seed + r)
                    for r in range(a.repeat + 1)]          # set 0 is the warm-up

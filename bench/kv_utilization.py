@@ -62,8 +62,10 @@ def main() -> int:
                     break
                 time.sleep(a.interval)
             stats = c.stat()
+            live = {p["pid"] for p in c.ps() if p["state"] != "ZOMBIE"}
             for pid in pids:
-                c.kill(pid, "KILL")
+                if pid in live:
+                    c.kill(pid, "KILL")
                 c.wait(pid)
     finally:
         k.cleanup()

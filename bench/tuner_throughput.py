@@ -99,7 +99,7 @@ def main() -> None:
                            model=path).start(timeout=600)
     try:
         with k.client() as c:
-            while {s["name"]: s["state"] for s in c.svc_list()}.get("tuner") != "up":
+            while not all(s["state"] == "up" for s in c.svc_list()):       # fs and tuner
                 time.sleep(0.2)
             plain, tuned, tokens = [], [], 0
             for i in range(args.repeats):           # interleaved, so drift hits both sides

@@ -26,7 +26,7 @@ def tk(tmp_path_factory):
     from conftest import KernelProc
     k = KernelProc(*ARGS, model="default", state=tmp_path_factory.mktemp("tuner-kernel")).start()
     with k.client() as c:
-        wait_for(lambda: {s["name"]: s["state"] for s in c.svc_list()}.get("tuner") == "up", timeout=120)
+        wait_for(lambda: all(s["state"] == "up" for s in c.svc_list()), timeout=120)
         alice = c.user_add(name="alice")["token"]
     yield k, alice
     k.stop()
@@ -209,7 +209,7 @@ def budget_kernel(tmp_path, sizes, budget: float):
     k = KernelProc(*sizes["args"], "--device-budget", str(int(budget / 0.95)), model="default",
                    state=tmp_path).start()
     with k.client() as c:
-        wait_for(lambda: {s["name"]: s["state"] for s in c.svc_list()}.get("tuner") == "up", timeout=120)
+        wait_for(lambda: all(s["state"] == "up" for s in c.svc_list()), timeout=120)
         c.call("fs_put", path="qa.jsonl", data=QA)
     return k
 

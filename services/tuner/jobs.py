@@ -23,7 +23,7 @@ from pathlib import Path
 from llmos.services.tuner import search as searchlib
 from llmos.services.tuner.dataset import load_jsonl
 from llmos.services.tuner.remote import LeaseHolder, UserFs
-from llmos.services.tuner.train import METRICS_FILE, train_lora
+from llmos.services.tuner.params import METRICS_FILE
 from llmos.syscalls.errors import SyscallError
 
 LIVE = ("queued", "waiting", "running", "paused")
@@ -126,10 +126,21 @@ def steps_left(job: dict, rung: int) -> int:
 class Runner:
     """The worker thread's job loop."""
 
-    def __init__(self, store: JobStore, connect, device: str):
-        self.store, self.connect, self.device = store, connect, device
+    def __init__(self, store: JobStore, connect):
+        self.store, self.connect = store, connect
+        self.device: str | None = None       # chosen when the first job runs (torch loads then)
         self.wake = threading.Event()
         self.stopping = False
+
+    def _start_torch(self) -> None:
+        """torch, transformers and peft load with the first job, not at the service's start."""
+        import torch
+
+        from llmos.services.tuner.train import train_lora
+        self.train_lora = train_lora
+        if "OMP_NUM_THREADS" not in os.environ:     # leave cores to the kernel's inference
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def loop(self) -> None:
         client = self.connect()
@@ -139,6 +150,8 @@ class Runner:
                 self.wake.wait(1.0)
                 self.wake.clear()
                 continue
+            if self.device is None:
+                self._start_torch()
             self.run(client, job)
 
     # -- one job -----------------------------------------------------------------------------
@@ -227,7 +240,7 @@ class Runner:
                 result = {"state": "done", "step": m["steps"], "final_eval_loss": m["final_eval_loss"],
                           "initial_eval_loss": m["initial_eval_loss"]}
             else:
-                result = train_lora(job["base_path"], train, val, params, out, self.device, progress,
+                result = self.train_lora(job["base_path"], train, val, params, out, self.device, progress,
                                     should_stop=lambda: self._stop_asked(job) or lease.revoked())
             if result["state"] == "done":
                 break

@@ -20,7 +20,7 @@ from llmos.services.tuner import search as searchlib
 from llmos.services.tuner.dataset import Dataset, Record, load_jsonl
 from llmos.services.tuner.jobs import LIVE, JobStore, Runner, estimate_bytes, event, init_trials
 from llmos.services.tuner.remote import UserFs
-from llmos.services.tuner.train import TrainParams
+from llmos.services.tuner.params import TrainParams
 from llmos.syscalls.client import Client
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import FEEDBACK_PATH, Arg, Syscall
@@ -62,12 +62,8 @@ class TunerService(Service):
     threaded = frozenset({"tune_submit"})    # it reads the dataset through the kernel
 
     def setup(self) -> None:
-        import torch
-        if "OMP_NUM_THREADS" not in os.environ:     # leave cores to the kernel's inference
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         self.store = JobStore(Path(os.environ.get("LLMOS_SERVICE_DIR", ".")) / "jobs")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.runner = Runner(self.store, self.kernel_client, device)
+        self.runner = Runner(self.store, self.kernel_client)
         threading.Thread(target=self.runner.loop, name="tuner-worker", daemon=True).start()
         self._local = threading.local()
 

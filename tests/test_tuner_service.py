@@ -246,3 +246,13 @@ def test_a_lease_that_can_never_fit_fails_the_job_clearly(tmp_path, sizes):
     finally:
         k.stop()
         k.cleanup()
+
+
+def test_an_idle_tuner_has_not_loaded_torch(start_kernel):
+    """torch, transformers and peft load with the first job: a tuner nobody uses stays light."""
+    k = start_kernel("--service", "tuner")
+    with k.client() as c:
+        wait_for(lambda: all(s["state"] == "up" for s in c.svc_list()), timeout=60)
+        pid = c.svc_list()[0]["pid"]
+    maps = open(f"/proc/{pid}/maps").read()
+    assert "libtorch" not in maps and "libc10" not in maps

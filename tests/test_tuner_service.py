@@ -180,6 +180,7 @@ def test_a_job_survives_sigkill_of_the_tuner_and_resumes_from_its_checkpoint(tk)
         assert st["trials"][0]["steps"] == 60 and st["trials"][0]["resumed_from_step"] >= 10   # not from scratch
         metrics = json.loads(c.call("fs_get", path="adapters/resumed/metrics.json"))
         assert metrics["steps"] == 60
+        assert root.mm_leases() == []           # the killed tuner's lease died with it
 
 
 @pytest.fixture(scope="module")

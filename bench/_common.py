@@ -76,9 +76,9 @@ def model_path(args) -> str:
     """The checkpoint to benchmark, built on first use for the random shapes."""
     if args.model:
         return args.model
-    from llmos.drivers.default_model import make_tiny_model
+    from llmos.drivers.default_model import ensure_default_model, make_tiny_model
     if args.shape == "tiny":
-        return make_tiny_model("llama", MODEL_DIR / "llmos-tiny-random")
+        return ensure_default_model(MODEL_DIR)        # exactly the kernel's built-in model
     if args.shape == "bench-llama":
         return make_tiny_model("llama", MODEL_DIR / "bench-llama-256x4", **BENCH_LLAMA)
     return _make_qwen3_06b(MODEL_DIR / "random-qwen3-0.6b")

@@ -24,11 +24,14 @@ def test_spawn_on_a_model_not_resident_is_a_page_fault(start_kernel, tiny_models
         next(iter(c.read(busy)))
         qwen = tiny_models["qwen3"]
         p = prompt_of(9, offset=4)
+        # From just before the fault to the last moment it is seen waiting (a tiny model loads in
+        # a few ms, so the window may hold only a sample or two; one ps call reads both).
+        progress = [c.pinfo(busy)["tokens_out"]]
         pid = c.spawn(model=qwen, prompt_ids=p, max_tokens=10, ignore_eos=True)
-        states, progress = set(), []
-        while (state := c.pinfo(pid)["state"]) == "BLOCKED":
-            states.add(state)
-            progress.append(c.pinfo(busy)["tokens_out"])
+        states = set()
+        while (rows := {r["pid"]: r for r in c.ps()})[pid]["state"] == "BLOCKED":
+            states.add("BLOCKED")
+            progress.append(rows[busy]["tokens_out"])
         assert "BLOCKED" in states                          # waited for its model...
         assert progress[-1] > progress[0]                   # ...while the other model kept generating
         assert c.wait(pid)["token_ids"] == hf_greedy(qwen, p, 10)

@@ -2,7 +2,10 @@
 
 Every block table change goes through this class; nobody else touches the free lists.
 A device block is held by the block tables that list it (``ref_count``), plus one pin per
-pending fork copy that reads or writes it. A block with ``ref_count == 0`` sits in
+pending fork copy that reads or writes it. For quotas, each block also counts its holders per
+user (``users``): a user holds a block once however many of its processes share it, and
+``usage`` (a counter that may be shared by every pool of the kernel) is the number of distinct
+device blocks each user holds. A block with ``ref_count == 0`` sits in
 ``free_block_ids`` but keeps its hash, so the prefix cache can still hand it out until the
 block is reused for something else.
 
@@ -13,7 +16,7 @@ is only registered once the block is full *and* its KV is computed.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from llmos.kernel.proc import Process
@@ -25,6 +28,7 @@ NO_HASH = -1   # Python's hash() never returns -1
 class Block:
     block_id: int
     ref_count: int = 0
+    users: dict = field(default_factory=dict)    # uid -> block tables of that user listing it
     hash: int = NO_HASH
     token_ids: tuple[int, ...] = ()      # the block's tokens while it holds a hash
 
@@ -44,7 +48,8 @@ def seed_hash(model: str, adapter: str | None = None) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int = 16):
+    def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int = 16,
+                 usage: Counter | None = None):
         if num_blocks < 1 or num_host_blocks < 0 or block_size < 1:
             raise ValueError("need num_blocks >= 1, num_host_blocks >= 0, block_size >= 1")
         self.block_size = block_size
@@ -54,7 +59,8 @@ class BlockManager:
         self.hash_to_block_id: dict[int, int] = {}
         self.host_blocks: list[Block] = [Block(i) for i in range(num_host_blocks)]
         self.free_host_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_host_blocks))
-        self.num_blocks_by_uid: Counter[int] = Counter()    # block-table entries per user
+        self.num_blocks_by_uid: Counter[int] = Counter()    # distinct device blocks per user, this pool
+        self.usage: Counter[int] = usage if usage is not None else Counter()   # the same, all pools
         # Blocks pinned by fork copies not yet handed to the driver, and host blocks read
         # by this step's swap-ins (a swap-out in the same step must not overwrite them).
         self.pinned_block_ids: list[int] = []
@@ -77,8 +83,8 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def kv_blocks_used_by(self, uid: int) -> int:
-        """Device block-table entries held by ``uid``'s processes (a shared block counts
-        once per holder: that is what the user would need if nothing were shared)."""
+        """Distinct device blocks of this pool held by ``uid``'s processes (a block its
+        processes share counts once)."""
         return self.num_blocks_by_uid[uid]
 
     # ----- internal block moves -----
@@ -86,6 +92,7 @@ class BlockManager:
         block_id, _ = self.free_block_ids.popitem(last=False)
         block = self.blocks[block_id]
         assert block.ref_count == 0, f"free block {block_id} has ref_count {block.ref_count}"
+        assert not block.users, f"free block {block_id} still has holders {block.users}"
         if block.hash != NO_HASH and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
         block.reset()
@@ -106,8 +113,35 @@ class BlockManager:
             self.free_block_ids[block_id] = None
 
     def _set_table(self, proc: Process, block_ids: list[int]) -> None:
-        self.num_blocks_by_uid[proc.uid] += len(block_ids) - len(proc.block_ids)
+        old, uid = proc.block_ids, proc.uid
+        if block_ids[:len(old)] == old:          # grown (the common case): count the new ones only
+            removed, added = [], block_ids[len(old):]
+        else:
+            removed, added = old, block_ids
+        for block_id in removed:
+            self._drop_holder(block_id, uid)
+        for block_id in added:
+            self._add_holder(block_id, uid)
         proc.block_ids = block_ids
+
+    def _add_holder(self, block_id: int, uid: int) -> None:
+        users = self.blocks[block_id].users
+        n = users.get(uid, 0)
+        if n == 0:
+            self.num_blocks_by_uid[uid] += 1
+            self.usage[uid] += 1
+        users[uid] = n + 1
+
+    def _drop_holder(self, block_id: int, uid: int) -> None:
+        users = self.blocks[block_id].users
+        n = users[uid] - 1
+        assert n >= 0, f"block {block_id} dropped by a user who did not hold it"
+        if n == 0:
+            del users[uid]
+            self.num_blocks_by_uid[uid] -= 1
+            self.usage[uid] -= 1
+        else:
+            users[uid] = n
 
     def _release_table(self, proc: Process) -> None:
         # Tail first, so a prefix's head blocks land last in the free list and live longest.
@@ -198,11 +232,12 @@ class BlockManager:
             self.hash_to_block_id[h] = block.block_id
 
     # ----- fork -----
-    def fork(self, parent: Process, child: Process) -> list[tuple[int, int]]:
+    def fork(self, parent: Process, child: Process, may_copy: bool = True) -> list[tuple[int, int]]:
         """Share the parent's full computed blocks with ``child`` and copy a partial last
         block into a fresh one; returns the copies ``[(src, dst)]`` (zero or one). Both
-        blocks of a copy stay pinned until ``end_step``. With no free block the child
-        recomputes the partial tail instead. A parent without device KV gives nothing."""
+        blocks of a copy stay pinned until ``end_step``. With no free block (or not
+        ``may_copy``: the user's quota has no room) the child recomputes the partial tail
+        instead. A parent without device KV gives nothing."""
         assert not child.block_ids and not child.host_block_ids
         bs = self.block_size
         if parent.host_block_ids or not parent.block_ids:
@@ -213,7 +248,7 @@ class BlockManager:
         for block_id in shared:
             self._incref(block_id)
         copies = []
-        if partial and self.free_block_ids:
+        if partial and self.free_block_ids and may_copy:
             src, dst = parent.block_ids[num_full], self._take_free().block_id
             copies.append((src, dst))
             self._incref(src)                  # pins: held until the driver has copied

@@ -3,12 +3,15 @@
 Victims, in order:
   1. STOPPED processes holding device KV (least important, then latest arrival, first);
   2. BLOCKED processes (idle, awaiting input) holding device KV, same order;
-  3. runnable processes strictly less important than the requester in scheduling order
-     (effective priority, then arrival: an earlier arrival outranks a later one of equal
-     priority, which keeps equal-priority processes from deadlocking), least important first.
+  3. runnable processes the requester outranks (``outranks``, the scheduler's rule: by
+     effective priority, then — between users at one priority level — by their fair shares of
+     the pool, then arrival: an earlier arrival outranks a later one of equal standing, which
+     keeps equal-priority processes from deadlocking), least important first.
 Processes already in this step's batch and holders of blocks pinned by a pending fork copy
-are never taken. Nothing is taken unless taking it makes the request fit (a dry run over
-reference counts), so a request that cannot fit preempts nobody and simply waits.
+are never taken. Nothing is taken unless taking it makes the request fit the pool and the
+requester's user quota (a dry run over reference counts, per block and per user), so a request
+that cannot fit preempts nobody and simply waits. When only the quota is short, only the
+user's own processes can help.
 
 Cost rule ("auto"): recompute when the victim has at most ``recompute_max_tokens`` computed
 tokens (cheaper to redo than to move) or the host swap space is short; otherwise swap.
@@ -26,16 +29,16 @@ _IDLE_RANK = {ProcState.STOPPED: 0, ProcState.BLOCKED: 1}
 
 
 def victim_order(requester: Process, procs: Iterable[Process], order_key: Callable,
-                 excluded_pids: set[int], block_manager: BlockManager) -> list[Process]:
-    """Processes whose device KV may be taken for ``requester``, first victim first."""
-    mine = order_key(requester)
+                 outranks: Callable, excluded_pids: set[int], block_manager: BlockManager) -> list[Process]:
+    """Processes whose device KV may be taken for ``requester``, first victim first.
+    ``outranks(requester, proc)``: may a runnable ``proc`` be taken for it."""
     eligible = []
     for proc in procs:
         if (proc is requester or not proc.block_ids or proc.pid in excluded_pids
                 or block_manager.is_pinned(proc)):
             continue
         rank = _IDLE_RANK.get(proc.state, 2)
-        if rank == 2 and not (proc.is_runnable and order_key(proc) > mine):
+        if rank == 2 and not (proc.is_runnable and outranks(requester, proc)):
             continue
         eligible.append((rank, proc))
     # Least important first: reverse scheduling order within each rank.
@@ -45,13 +48,14 @@ def victim_order(requester: Process, procs: Iterable[Process], order_key: Callab
 
 
 def choose_victims(requester: Process, candidates: list[Process], num_needed: int,
-                   quota: int | None, block_manager: BlockManager) -> list[Process] | None:
+                   quota_room: int | None, block_manager: BlockManager) -> list[Process] | None:
     """The shortest prefix of ``candidates`` after whose preemption ``num_needed`` more
-    blocks fit both the pool and the requester's user quota; None if none does."""
+    blocks fit both the pool and ``quota_room`` (the requester's user's blocks left, None for
+    no quota); None if none does."""
     bm = block_manager
     num_free = bm.num_free_blocks
-    quota_room = None if quota is None else quota - bm.kv_blocks_used_by(requester.uid)
     released: Counter[int] = Counter()
+    released_mine: Counter[int] = Counter()      # blocks the requester's user stops holding
     chosen: list[Process] = []
     for victim in candidates:
         pool_ok = num_needed <= num_free
@@ -64,8 +68,10 @@ def choose_victims(requester: Process, candidates: list[Process], num_needed: in
             released[block_id] += 1
             if released[block_id] == bm.blocks[block_id].ref_count:
                 num_free += 1
-        if quota_room is not None and victim.uid == requester.uid:
-            quota_room += len(victim.block_ids)
+            if quota_room is not None and victim.uid == requester.uid:
+                released_mine[block_id] += 1
+                if released_mine[block_id] == bm.blocks[block_id].users.get(victim.uid, 0):
+                    quota_room += 1
     fits = num_needed <= num_free and (quota_room is None or num_needed <= quota_room)
     return chosen if fits else None
 

@@ -1,9 +1,14 @@
 """The process control block.
 
-A process is one generation stream. Its fields are grouped by who may change them:
-identity is fixed at spawn; the syscall layer sets the knobs; the scheduler owns state,
-token history and the block table; accounting only ever grows. ``io`` belongs to the
-kernel's syscall layer (waiters, stream cursors) and the scheduler never touches it.
+A process is one generation stream, and this is its one record: the kernel's process table
+(``kernel.proctable``) maps each pid to one ``Process``. Its fields are grouped by who may
+change them: identity is fixed at spawn; the syscall layer sets the knobs; the state machine
+(``stop``/``cont`` here, the scheduler while it runs) owns state, token history and the block
+table; accounting only ever grows. ``io`` (waiters, stream cursors) and ``entry`` (the model)
+belong to the kernel's process manager, and the scheduler never touches them.
+
+A BLOCKED process says why in ``wait``: ``Wait.INPUT`` (an interactive process between turns)
+or ``Wait.MODEL`` (its model is not on the device: a page fault, like xv6 sleeping on a channel).
 """
 from __future__ import annotations
 
@@ -26,6 +31,13 @@ class ProcState(Enum):
 
 
 RUNNABLE = frozenset({ProcState.READY, ProcState.RUNNING, ProcState.SWAPPED})
+LIVE = frozenset(ProcState) - {ProcState.ZOMBIE}
+
+
+class Wait(Enum):
+    """Why a BLOCKED process waits."""
+    INPUT = "input"          # interactive, turn finished: ``write`` continues it
+    MODEL = "model"          # its model is loading or waiting for room on the device
 
 
 @dataclass(eq=False)
@@ -56,6 +68,7 @@ class Process:
     host_block_ids: list[int] = field(default_factory=list)  # while swapped out
     finish_reason: str | None = None
     stopped_from: ProcState | None = None       # state to return to on cont
+    wait: Wait | None = None                    # why it is (or, stopped, was) BLOCKED
     age: int = 0                                # steps runnable but not scheduled
     arrival: int = 0                            # admission sequence number (tie-break)
     resume_pending: bool = False                # preempted; "resumed" when scheduled again
@@ -71,8 +84,9 @@ class Process:
     time_running: float = 0.0
     first_token_at: float | None = None
 
-    # --- reserved for the kernel's syscall layer ---
-    io: object | None = None
+    # --- the kernel's process manager (never the scheduler) ---
+    io: object | None = None                    # ProcIO: text, stop strings, waiters
+    entry: object | None = None                 # its model's ModelEntry
 
     def __post_init__(self):
         if not NICE_MIN <= self.nice <= NICE_MAX:
@@ -112,3 +126,51 @@ class Process:
     @property
     def is_runnable(self) -> bool:
         return self.state in RUNNABLE
+
+    # --- the state machine's signal half (the scheduler's half runs the batch) ---
+    def stop(self) -> None:
+        """STOP: not scheduled until ``cont``; its KV is the first taken under pressure."""
+        if self.state is ProcState.STOPPED:
+            return
+        self.stopped_from = ProcState.READY if self.state is ProcState.RUNNING else self.state
+        self.state = ProcState.STOPPED
+
+    def cont(self) -> None:
+        """CONT: back to the state it was stopped in (a no-op unless STOPPED)."""
+        if self.state is ProcState.STOPPED:
+            self.state, self.stopped_from = self.stopped_from, None
+
+    def block(self, wait: Wait) -> None:
+        """Wait for ``wait``; a STOPPED process will wait for it once continued."""
+        if self.state is ProcState.STOPPED:
+            self.stopped_from = ProcState.BLOCKED
+        else:
+            self.state = ProcState.BLOCKED
+        self.wait = wait
+
+    def wake(self) -> None:
+        """What it waited for is here: BLOCKED on it becomes READY (STOPPED: READY on cont)."""
+        self.wait = None
+        if self.state is ProcState.BLOCKED:
+            self.state = ProcState.READY
+        elif self.state is ProcState.STOPPED and self.stopped_from is ProcState.BLOCKED:
+            self.stopped_from = ProcState.READY
+
+    def exit(self, reason: str) -> None:
+        """Become a ZOMBIE (the block manager must have freed its KV first)."""
+        assert not self.block_ids and not self.host_block_ids, f"pid {self.pid} exits holding KV"
+        self.state, self.finish_reason, self.stopped_from, self.wait = ProcState.ZOMBIE, reason, None, None
+
+    def append_turn(self, token_ids: list[int]) -> None:
+        """Input for a new turn: its output starts after these tokens."""
+        self.token_ids.extend(token_ids)
+        self.tokens_in += len(token_ids)
+        self.turn_start, self.finish_reason = self.num_tokens, None
+
+    @property
+    def waits_for_input(self) -> bool:
+        return self.wait is Wait.INPUT and self.state is ProcState.BLOCKED
+
+    @property
+    def waits_for_model(self) -> bool:
+        return self.wait is Wait.MODEL and self.is_alive

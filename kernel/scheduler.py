@@ -1,30 +1,50 @@
 """The priority scheduler: continuous batching with chunked prefill over a paged KV pool.
 
 One step is ``plan = schedule(); result = driver.execute(plan); events = update(plan, result)``.
-``schedule`` walks runnable processes by effective priority (nice minus an aging bonus,
-then arrival), gives each a decode token or a prefill chunk under the token budget,
-finds blocks for it (preempting less important holders if needed, see ``preempt``) and
-returns a ``StepPlan``. ``update`` folds the sampled tokens back and finishes turns.
+``schedule`` walks runnable processes by effective priority (nice minus an aging bonus), then
+— between users — by fair share (``tenancy.Shares``: weighted fair queueing over tokens served),
+then arrival; it gives each a decode token or a prefill chunk under the token budget, finds
+blocks for it (preempting processes it outranks if needed, see ``preempt``) within its user's
+KV quota, and returns a ``StepPlan``. ``update`` folds the sampled tokens back, charges each
+user for the tokens served and finishes turns.
+
+The scheduler keeps a run queue of pids (``pids``) over the kernel's process table (``table``:
+pid -> the one ``Process`` record); block tables live in the records and change only through
+the block manager. Aging lifts a process that waits while processes of a better nice run, so
+nothing starves across priority levels; waiting behind equals (of one's own user, or of users
+within their shares) is queueing, not starvation, and earns nothing.
+
 The signal-like controls (``kill``, ``stop``, ``fork``, ...) are called by syscall handlers
 between steps; they raise ``KeyError`` for an unknown pid and ``ValueError`` for a bad state
 or argument.
 """
 from __future__ import annotations
 
+import heapq
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
 from llmos.drivers.batch import SeqChunk, StepPlan, StepResult
 from llmos.kernel import preempt
 from llmos.kernel.block_manager import BlockManager
-from llmos.kernel.proc import NICE_MAX, NICE_MIN, Process, ProcState
+from llmos.kernel.proc import NICE_MAX, NICE_MIN, Process, ProcState, Wait
+from llmos.kernel.tenancy import Shares
 
 PREEMPT_MODES = ("auto", "swap", "recompute")
 
 
+class EventKind(Enum):
+    TOKEN = "token"
+    FINISHED = "finished"
+    PREEMPTED = "preempted"
+    RESUMED = "resumed"
+
+
 @dataclass(frozen=True)
 class Event:
-    kind: str                    # "token" | "finished" | "preempted" | "resumed"
+    kind: EventKind
     pid: int
     token_id: int | None = None  # for "token"
     reason: str | None = None    # "finished": stop|length|killed|quota|...; "preempted": swap|recompute
@@ -72,6 +92,7 @@ class _Step:
     resumed: list[int] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)
     prefilling: set[int] = field(default_factory=set)   # hashes of prompt blocks computed this step
+    failed_need: dict[int, int] = field(default_factory=dict)   # uid -> fewest blocks it could not get
 
     @property
     def busy_pids(self) -> set[int]:
@@ -79,38 +100,65 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, table: dict[int, Process] | None = None,
+                 shares: Shares | None = None):
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.num_host_blocks, config.block_size)
-        self.procs: dict[int, Process] = {}          # the process table
-        self.kv_quotas: dict[int, int] = {}          # uid -> max device blocks
+        self.table: dict[int, Process] = table if table is not None else {}   # the kernel's records
+        self.shares = shares if shares is not None else Shares()
+        self.block_manager = BlockManager(config.num_blocks, config.num_host_blocks, config.block_size,
+                                          usage=self.shares.usage)
+        self.pids: dict[int, None] = {}              # the run queue: pids scheduled here, in order
+        self.busy_uids: set[int] = set()             # users with runnable processes at the last step
         self.pending_copies: list[tuple[int, int]] = []
         self.step_id = 0
         self._num_arrivals = 0
         self._resumed: dict[int, list[int]] = {}     # step_id -> pids resumed in it
         self._scheduled_at = time.monotonic()
 
-    # ----- the process table -----
+    # ----- the run queue -----
+    @property
+    def procs(self) -> dict[int, Process]:
+        """The records of the pids queued here (a snapshot)."""
+        return {pid: self.table[pid] for pid in self.pids}
+
+    def _queued(self):
+        table = self.table
+        return (table[pid] for pid in self.pids)
+
+    def has_work(self) -> bool:
+        """Something to run or copy: derived from the queue, never set by hand."""
+        return bool(self.pending_copies) or any(p.is_runnable for p in self._queued())
+
     def add(self, proc: Process) -> Process:
-        if proc.pid in self.procs:
+        if proc.pid in self.pids:
             raise ValueError(f"pid {proc.pid} already exists")
         if not 1 <= proc.num_tokens < self.config.max_model_len:
             raise ValueError(f"prompt must have 1..{self.config.max_model_len - 1} tokens")
         assert not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0
-        proc.state = ProcState.READY
+        proc.state, proc.wait = ProcState.READY, None
+        self._admit(proc)
+        return proc
+
+    def attach(self, proc: Process) -> Process:
+        """Queue a live process that holds no KV in whatever state it is in (its model came
+        back to the device: it recomputes what it had)."""
+        if proc.pid in self.pids:
+            raise ValueError(f"pid {proc.pid} already exists")
+        assert not proc.block_ids and not proc.host_block_ids and proc.is_alive
+        proc.num_computed_tokens = 0
         self._admit(proc)
         return proc
 
     def get(self, pid: int) -> Process:
-        try:
-            return self.procs[pid]
-        except KeyError:
-            raise KeyError(f"no process {pid}") from None
+        if pid not in self.pids:
+            raise KeyError(f"no process {pid}")
+        return self.table[pid]
 
     def _admit(self, proc: Process) -> None:
         proc.arrival = self._num_arrivals
         self._num_arrivals += 1
-        self.procs[proc.pid] = proc
+        self.table[proc.pid] = proc
+        self.pids[proc.pid] = None
 
     def _alive(self, pid: int) -> Process:
         proc = self.get(pid)
@@ -122,17 +170,31 @@ class Scheduler:
         return proc.nice - proc.age // self.config.aging_steps
 
     def order_key(self, proc: Process) -> tuple[int, int]:
-        """Scheduling order: smaller runs first."""
+        """One user's scheduling order: smaller runs first."""
         return self.effective_priority(proc), proc.arrival
+
+    def outranks(self, proc: Process, other: Process, num_needed: int = 0) -> bool:
+        """May ``proc`` (asking for ``num_needed`` blocks) take runnable ``other``'s KV? By
+        effective priority; within one user, or with shares off, by arrival; between users at
+        one priority level by their shares of this pool: ``other``'s user must hold more blocks
+        per unit of weight than ``proc``'s would — or, when ``proc``'s holds no more than
+        ``other``'s, the earlier arrival wins (so equals never deadlock)."""
+        mine, theirs = self.effective_priority(proc), self.effective_priority(other)
+        if mine != theirs or proc.uid == other.uid or not self.shares.enabled:
+            return self.order_key(other) > self.order_key(proc)
+        bm, w = self.block_manager, self.shares.weight
+        held_mine = bm.kv_blocks_used_by(proc.uid) / w(proc.uid)
+        held_theirs = bm.kv_blocks_used_by(other.uid) / w(other.uid)
+        if held_theirs > (bm.kv_blocks_used_by(proc.uid) + num_needed) / w(proc.uid):
+            return True
+        return held_mine <= held_theirs and other.arrival > proc.arrival
 
     # ----- one step -----
     def schedule(self) -> StepPlan:
         self.step_id += 1
         self._scheduled_at = time.monotonic()
         step = _Step(budget=self.config.max_num_batched_tokens)
-        for proc in sorted((p for p in self.procs.values() if p.is_runnable), key=self.order_key):
-            if len(step.chunks) >= self.config.max_num_seqs or step.budget == 0:
-                break
+        for proc in self._fair_order(step):
             if proc.pid not in step.busy_pids and self._adapter_fits(proc, step):
                 if self._schedule_one(proc, step) and proc.adapter is not None:
                     step.adapters.add(proc.adapter)
@@ -143,6 +205,36 @@ class Scheduler:
             self._resumed[self.step_id] = step.resumed
         return StepPlan(step_id=self.step_id, chunks=step.chunks, swap_out=step.swap_out,
                         swap_in=step.swap_in, copies=copies, preempted=step.preempted)
+
+    def _fair_order(self, step: _Step):
+        """Runnable processes in scheduling order, until the batch is full: each user's queue in
+        ``order_key`` order, merged by (effective priority, the user's virtual time as this
+        step's chunks advance it, arrival). With shares off this is plain ``order_key`` order."""
+        queues: dict[int, list[Process]] = {}
+        for proc in self._queued():
+            if proc.is_runnable:
+                queues.setdefault(proc.uid, []).append(proc)
+        shares = self.shares
+        shares.activate(queues, self.busy_uids)
+        self.busy_uids = set(queues)
+        vtime = {uid: shares.key(uid) for uid in queues}
+        heads: dict[int, deque] = {}
+        heap = []
+        for uid, procs in queues.items():
+            procs.sort(key=self.order_key)
+            heads[uid] = deque(procs)
+            heap.append((self.effective_priority(procs[0]), vtime[uid], procs[0].arrival, uid))
+        heapq.heapify(heap)
+        while heap and len(step.chunks) < self.config.max_num_seqs and step.budget > 0:
+            uid = heapq.heappop(heap)[3]
+            queue = heads[uid]
+            budget = step.budget
+            yield queue.popleft()
+            if shares.enabled:
+                vtime[uid] += (budget - step.budget) / shares.weight(uid)
+            if queue:
+                head = queue[0]
+                heapq.heappush(heap, (self.effective_priority(head), vtime[uid], head.arrival, uid))
 
     def _adapter_fits(self, proc: Process, step: _Step) -> bool:
         """A pass holds at most ``max_adapters_per_step`` distinct adapters (the device slots);
@@ -185,13 +277,20 @@ class Scheduler:
         return True
 
     def _make_room(self, proc: Process, num_needed: int, step: _Step) -> bool:
-        """Make ``num_needed`` blocks available to ``proc``, preempting if that suffices."""
-        bm, quota = self.block_manager, self.kv_quotas.get(proc.uid)
-        if num_needed <= bm.num_free_blocks and (quota is None or bm.kv_blocks_used_by(proc.uid) + num_needed <= quota):
+        """Make ``num_needed`` blocks available to ``proc`` within its user's quota, preempting
+        if that suffices. A failure is remembered for the step: a later process of the same user
+        (never more important) asking for as many blocks fails at once, so a queue of thousands
+        costs one dry run per user, not one each."""
+        bm, room = self.block_manager, self.shares.quota_room(proc.uid)
+        if num_needed <= bm.num_free_blocks and (room is None or num_needed <= room):
             return True
-        order = preempt.victim_order(proc, self.procs.values(), self.order_key, step.busy_pids, bm)
-        victims = preempt.choose_victims(proc, order, num_needed, quota, bm)
+        if num_needed >= step.failed_need.get(proc.uid, num_needed + 1):
+            return False
+        order = preempt.victim_order(proc, self._queued(), self.order_key,
+                                     lambda p, q: self.outranks(p, q, num_needed), step.busy_pids, bm)
+        victims = preempt.choose_victims(proc, order, num_needed, room, bm)
         if victims is None:
+            step.failed_need[proc.uid] = min(num_needed, step.failed_need.get(proc.uid, num_needed))
             return False
         for victim in victims:
             self._preempt(victim, step)
@@ -204,31 +303,35 @@ class Scheduler:
         step.preempted.append((victim.pid, mode))
 
     def _age_and_mark(self, step: _Step) -> None:
+        """Scheduled processes are RUNNING; the others age if a better nice ran (see above)."""
         scheduled = {c.pid for c in step.chunks}
-        for proc in self.procs.values():
+        best_nice = min((self.table[pid].nice for pid in scheduled), default=NICE_MAX + 1)
+        for proc in self._queued():
             if proc.pid in scheduled:
                 proc.state, proc.age = ProcState.RUNNING, 0
             elif proc.is_runnable:
-                proc.age += 1
+                if best_nice < proc.nice:
+                    proc.age += 1
                 if proc.state is ProcState.RUNNING:
                     proc.state = ProcState.READY
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Event]:
         """Fold the driver's result into the process table; returns events in order."""
         assert result.step_id == plan.step_id, "result is for another plan"
-        events = [Event("preempted", pid, reason=mode) for pid, mode in plan.preempted]
-        events += [Event("resumed", pid) for pid in self._resumed.pop(plan.step_id, [])]
+        events = [Event(EventKind.PREEMPTED, pid, reason=mode) for pid, mode in plan.preempted]
+        events += [Event(EventKind.RESUMED, pid) for pid in self._resumed.pop(plan.step_id, [])]
         now = time.monotonic()
         elapsed = now - self._scheduled_at
         scheduled = {c.pid for c in plan.chunks}
-        for proc in self.procs.values():
+        for proc in self._queued():
             if proc.pid not in scheduled and proc.is_runnable:
                 proc.time_queued += elapsed
         for chunk in plan.chunks:
-            proc = self.procs.get(chunk.pid)
+            proc = self.table.get(chunk.pid) if chunk.pid in self.pids else None
             if proc is None or proc.state is not ProcState.RUNNING:
                 continue
             assert proc.num_computed_tokens == chunk.start_pos, f"pid {proc.pid} out of step"
+            self.shares.charge(proc.uid, chunk.num_tokens)
             proc.time_running += elapsed
             proc.num_computed_tokens = chunk.end_pos
             self.block_manager.cache_full_blocks(proc)
@@ -238,11 +341,11 @@ class Scheduler:
                 proc.tokens_out += 1
                 if proc.first_token_at is None:
                     proc.first_token_at = time.time()
-                events.append(Event("token", proc.pid, token_id=token_id))
+                events.append(Event(EventKind.TOKEN, proc.pid, token_id=token_id))
                 reason = self._finish_reason(proc, token_id)
                 if reason is not None:
                     self._end_turn(proc, reason)
-                    events.append(Event("finished", proc.pid, reason=reason))
+                    events.append(Event(EventKind.FINISHED, proc.pid, reason=reason))
         return events
 
     def _finish_reason(self, proc: Process, token_id: int) -> str | None:
@@ -251,7 +354,7 @@ class Scheduler:
             return "stop"
         if proc.num_output_tokens >= proc.max_tokens or proc.num_tokens >= cfg.max_model_len:
             return "length"
-        quota = self.kv_quotas.get(proc.uid)
+        quota = self.shares.quota(proc.uid)
         if quota is not None and self.block_manager.blocks_for(proc.num_tokens) > quota:
             return "quota"          # its next step could never fit, even alone
         return None
@@ -260,13 +363,13 @@ class Scheduler:
         """Interactive processes with room left wait for input with their KV; others exit."""
         proc.finish_reason = reason
         if proc.interactive and proc.num_tokens < self.config.max_model_len - 1 and reason != "quota":
-            proc.state, proc.stopped_from = ProcState.BLOCKED, None
+            proc.state, proc.stopped_from, proc.wait = ProcState.BLOCKED, None, Wait.INPUT
         else:
             self._exit(proc, reason)
 
     def _exit(self, proc: Process, reason: str) -> None:
         self.block_manager.free(proc)
-        proc.state, proc.finish_reason, proc.stopped_from = ProcState.ZOMBIE, reason, None
+        proc.exit(reason)
 
     # ----- controls for syscall handlers (between steps) -----
     def finish(self, pid: int, reason: str) -> bool:
@@ -285,16 +388,10 @@ class Scheduler:
             self._exit(proc, "killed")
 
     def stop(self, pid: int) -> None:
-        proc = self._alive(pid)
-        if proc.state is not ProcState.STOPPED:
-            running = proc.state is ProcState.RUNNING
-            proc.stopped_from = ProcState.READY if running else proc.state
-            proc.state = ProcState.STOPPED
+        self._alive(pid).stop()
 
     def cont(self, pid: int) -> None:
-        proc = self._alive(pid)
-        if proc.state is ProcState.STOPPED:
-            proc.state, proc.stopped_from = proc.stopped_from, None
+        self._alive(pid).cont()
 
     def set_nice(self, pid: int, nice: int) -> None:
         if not NICE_MIN <= nice <= NICE_MAX:
@@ -305,14 +402,16 @@ class Scheduler:
         """Add ``child`` (new pid, own sampling) as a copy of ``pid``'s token state sharing
         its full KV blocks; a partial last block is copied by the next plan's ``copies``."""
         parent = self._alive(pid)
-        if child.pid in self.procs:
+        if child.pid in self.pids:
             raise ValueError(f"pid {child.pid} already exists")
         child.ppid, child.model, child.adapter = parent.pid, parent.model, parent.adapter
         child.token_ids = list(parent.token_ids)
         child.num_prompt_tokens, child.turn_start = parent.num_prompt_tokens, parent.turn_start
         child.block_ids, child.host_block_ids = [], []
-        self.pending_copies += self.block_manager.fork(parent, child)
-        child.state = ProcState.BLOCKED if parent.state is ProcState.BLOCKED else ProcState.READY
+        room = self.shares.quota_room(child.uid)
+        self.pending_copies += self.block_manager.fork(parent, child, may_copy=room is None or room >= 1)
+        blocked = parent.state is ProcState.BLOCKED
+        child.state, child.wait = (ProcState.BLOCKED, Wait.INPUT) if blocked else (ProcState.READY, None)
         child.finish_reason = parent.finish_reason if child.state is ProcState.BLOCKED else None
         self._admit(child)
         return child
@@ -326,9 +425,8 @@ class Scheduler:
             raise ValueError("no input tokens")
         if proc.num_tokens + len(token_ids) >= self.config.max_model_len:
             raise ValueError(f"input would exceed max_model_len {self.config.max_model_len}")
-        proc.token_ids.extend(token_ids)
-        proc.tokens_in += len(token_ids)
-        proc.turn_start, proc.finish_reason = proc.num_tokens, None
+        proc.append_turn(token_ids)
+        proc.wait = None
         proc.state = ProcState.SWAPPED if proc.host_block_ids else ProcState.READY
 
     def detach(self, pid: int) -> Process:
@@ -341,26 +439,29 @@ class Scheduler:
             proc.num_computed_tokens = 0
             proc.num_preemptions += 1
             proc.num_recomputes += 1
-        return self.procs.pop(pid)
+        del self.pids[pid]
+        return proc
 
     def release(self, pid: int) -> Process:
-        """Reap a zombie: remove it from the table and return its PCB."""
+        """Reap a zombie: take it off the run queue and return its PCB."""
         proc = self.get(pid)
         if proc.is_alive:
             raise ValueError(f"process {pid} is still {proc.state.value}")
-        return self.procs.pop(pid)
+        del self.pids[pid]
+        return proc
 
     def set_kv_quota(self, uid: int, max_blocks: int | None) -> None:
+        """One user's KV quota (None: the default); see ``tenancy.Shares``."""
         if max_blocks is None:
-            self.kv_quotas.pop(uid, None)
+            self.shares.kv_quotas.pop(uid, None)
         elif max_blocks < 1:
             raise ValueError("a KV quota must be >= 1 block")
         else:
-            self.kv_quotas[uid] = max_blocks
+            self.shares.kv_quotas[uid] = max_blocks
 
     def meminfo(self) -> dict:
-        info = self.block_manager.meminfo(self.procs.values())
+        info = self.block_manager.meminfo(self._queued())
         info["procs_by_state"] = {s.value: 0 for s in ProcState}
-        for proc in self.procs.values():
+        for proc in self._queued():
             info["procs_by_state"][proc.state.value] += 1
         return info

@@ -79,8 +79,8 @@ def check_block_invariants(bm: BlockManager, procs) -> None:
     assert all(n == 1 for n in host_held.values())
     assert not set(host_held) & set(bm.free_host_block_ids)
     assert len(host_held) + bm.num_free_host_blocks == len(bm.host_blocks)
-    for uid in {p.uid for p in procs}:
-        assert bm.kv_blocks_used_by(uid) == sum(len(p.block_ids) for p in procs if p.uid == uid)
+    for uid in {p.uid for p in procs}:       # a block shared by one user's processes counts once
+        assert bm.kv_blocks_used_by(uid) == len({b for p in procs if p.uid == uid for b in p.block_ids})
 
 
 def check_scheduler_invariants(sched: Scheduler, plan: StepPlan | None = None) -> None:

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from llmos.drivers.batch import SamplingParams
 from llmos.kernel.proc import ProcState
-from llmos.kernel.scheduler import Event
+from llmos.kernel.scheduler import Event, EventKind
 from sched_factories import (TOKEN, check_scheduler_invariants, chunk_of, make_config, make_proc,
                              make_scheduler, run_step, run_until_done, unique_tokens)
 
@@ -34,7 +34,7 @@ def test_prefill_then_one_decode_token_per_step():
     plan, events = run_step(sched)
     [chunk] = plan.chunks
     assert (chunk.start_pos, chunk.num_tokens, chunk.sample) == (0, 6, True)
-    assert events == [Event("token", 1, token_id=TOKEN)] and proc.state is ProcState.RUNNING
+    assert events == [Event(EventKind.TOKEN, 1, token_id=TOKEN)] and proc.state is ProcState.RUNNING
     plan, _ = run_step(sched)
     assert plan.chunks[0].token_ids == [TOKEN] and plan.chunks[0].start_pos == 6
     assert proc.token_ids[-2:] == [TOKEN, TOKEN] and proc.num_computed_tokens == 7
@@ -230,7 +230,7 @@ def test_swap_preemption_lists_copies_and_swaps_back_in_where_it_left_off():
     table = list(victim.block_ids)
     urgent = spawn(sched, 9, 14, nice=-10, max_tokens=1)
     plan, events = run_step(sched)
-    assert plan.preempted == [(4, "swap")] and Event("preempted", 4, reason="swap") in events
+    assert plan.preempted == [(4, "swap")] and Event(EventKind.PREEMPTED, 4, reason="swap") in events
     assert [dev for dev, _ in plan.swap_out] == table
     assert victim.state is ProcState.SWAPPED and len(victim.host_block_ids) == 4
     assert victim.num_computed_tokens == 14 and victim.num_swaps == 1
@@ -240,7 +240,7 @@ def test_swap_preemption_lists_copies_and_swaps_back_in_where_it_left_off():
     assert plan.swap_in and {host for host, _ in plan.swap_in} <= set(hosts)
     assert {dev for _, dev in plan.swap_in} <= set(victim.block_ids) and len(victim.block_ids) == 4
     assert chunk_of(plan, 4).start_pos == 14
-    assert Event("resumed", 4) in events
+    assert Event(EventKind.RESUMED, 4) in events
     check_scheduler_invariants(sched, plan)
 
 
@@ -282,7 +282,7 @@ def test_stop_token_finishes_with_stop_and_frees_the_blocks():
     sched = make_scheduler()
     proc = spawn(sched, 1, 6, stop_token_ids={TOKEN})
     _, events = run_step(sched)
-    assert events[-1] == Event("finished", 1, reason="stop")
+    assert events[-1] == Event(EventKind.FINISHED, 1, reason="stop")
     assert proc.state is ProcState.ZOMBIE and proc.finish_reason == "stop" and proc.block_ids == []
     assert sched.block_manager.num_free_blocks == 16
 
@@ -451,7 +451,7 @@ def test_fork_shares_full_blocks_and_the_next_plan_copies_the_partial_one():
     plan, events = run_step(sched)
     assert plan.copies == [(parent.block_ids[2], child.block_ids[2])]
     assert chunk_of(plan, 2).start_pos == 9 and chunk_of(plan, 2).block_ids == child.block_ids
-    assert {e.pid for e in events if e.kind == "token"} == {1, 2}
+    assert {e.pid for e in events if e.kind is EventKind.TOKEN} == {1, 2}
     check_scheduler_invariants(sched, plan)
     assert run_step(sched)[0].copies == []
 

@@ -36,8 +36,12 @@ class Waiter:
 
 
 class Alerts:
-    def __init__(self, kernel, thresholds: dict[str, float] | None = None):
-        self.k = kernel
+    """Given what it measures (the process table, the engines, the metrics, the services) and
+    the outbox its answers go to."""
+
+    def __init__(self, outbox, table, engines, metrics, services, thresholds: dict[str, float] | None = None):
+        self.outbox, self.table, self.engines = outbox, table, engines
+        self.metrics, self.services = metrics, services
         self.thresholds = {name: default for name, (_, default, _) in RULES.items()}
         for name, value in (thresholds or {}).items():
             self.set(name, value)
@@ -57,27 +61,27 @@ class Alerts:
 
     # -- measuring ----------------------------------------------------------------------------
     def values(self) -> dict[str, float]:
-        now, ps = time.monotonic(), self.k.procs
-        kv = [e.sched.meminfo() for e in ps.engines()]
-        waits = [now - ps.io[p.pid].turn_started_at for p in ps.all_procs()
-                 if p.state in (ProcState.READY, ProcState.SWAPPED, ProcState.BLOCKED) and p.pid in ps.io
-                 and ps.io[p.pid].last_token_at is None and not ps.io[p.pid].turn_done]
-        swaps = self.k.metrics.totals(ps.all_procs())["num_swaps"]
+        now, procs = time.monotonic(), self.table.all()
+        kv = [e.sched.block_manager for e in self.engines()]
+        waits = [now - p.io.turn_started_at for p in procs
+                 if p.state in (ProcState.READY, ProcState.SWAPPED, ProcState.BLOCKED)
+                 and p.io.last_token_at is None and not p.io.turn_done]
+        swaps = self.metrics.totals(procs)["num_swaps"]
         self.swaps.append((now, swaps))
         while self.swaps[0][0] < now - SWAP_WINDOW_S:
             self.swaps.popleft()
         span = now - self.swaps[0][0]
-        return {"kv_usage": max((m["blocks_used"] / m["blocks_total"] for m in kv if m["blocks_total"]), default=0.0),
+        return {"kv_usage": max((1 - bm.num_free_blocks / bm.num_blocks for bm in kv), default=0.0),
                 "queue_wait_s": max(waits, default=0.0),
                 "swap_rate": (swaps - self.swaps[0][1]) / span if span >= 1.0 else 0.0,
-                "service_down": float(sum(1 for s in self.k.services.services.values() if s.state == "down"))}
+                "service_down": float(self.services.num_down())}
 
     def tick(self) -> None:
         now = time.monotonic()
         if self.waiters:
             for w in [w for w in self.waiters if w.deadline <= now]:
                 self.waiters.remove(w)
-                self.k.reply(w.call, self.report(w.since))
+                self.outbox.reply(w.call, self.report(w.since))
         if now < self.next_check:
             return
         self.next_check = now + CHECK_EVERY_S
@@ -100,7 +104,7 @@ class Alerts:
         self.seq += 1
         self.events.append({"seq": self.seq, "t": round(time.time(), 3), **event})
         for w in self.waiters:
-            self.k.reply(w.call, self.report(w.since))
+            self.outbox.reply(w.call, self.report(w.since))
         self.waiters.clear()
 
     # -- answering ----------------------------------------------------------------------------
@@ -114,5 +118,5 @@ class Alerts:
 
     def shutdown(self) -> None:
         for w in self.waiters:
-            self.k.send_error(w.call.identity, w.call.rid, SyscallError("ECANCELED", "kernel shutting down"))
+            self.outbox.fail(w.call, SyscallError("ECANCELED", "kernel shutting down"))
         self.waiters.clear()

@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--max-frame", type=int, default=abi.MAX_FRAME_BYTES, help="largest accepted frame in bytes")
     p.add_argument("--rate-limit", type=float, default=0.0, help="calls per second per user (0 = unlimited)")
     p.add_argument("--max-procs-per-user", type=int, default=1024)
-    p.add_argument("--kv-quota-blocks", type=int, default=None, help="KV blocks per non-root user")
+    p.add_argument("--kv-quota-blocks", type=int, default=None,
+                   help="KV blocks per non-root user, in all (a block its processes share counts once)")
+    p.add_argument("--no-fair-share", action="store_true",
+                   help="serve users by arrival instead of weighted fair queueing (for comparison)")
     p.add_argument("--device-budget", type=int, default=None,
                    help="device bytes for weights + KV + adapters (default 90%% of free memory)")
     p.add_argument("--host-budget", type=int, default=None,
@@ -76,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         block_size=a.block_size, adapter_slots=a.adapter_slots, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_batched_tokens, preempt_mode=a.preempt_mode,
         max_frame=a.max_frame, rate_limit=a.rate_limit, max_procs_per_user=a.max_procs_per_user,
-        kv_quota_blocks=a.kv_quota_blocks, device_budget=a.device_budget, host_budget=a.host_budget,
+        kv_quota_blocks=a.kv_quota_blocks, fair_share=not a.no_fair_share, device_budget=a.device_budget, host_budget=a.host_budget,
         aliases=dict(_alias(x) for x in a.alias), alerts=dict(_alert(x) for x in a.alert),
         service_call_timeout=a.service_call_timeout, delegates=list(a.delegate),
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))

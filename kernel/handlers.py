@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmos.kernel import sysinfo, sysmm, sysmodel, sysproc, syssvc, userfs
+from llmos.kernel import sysinfo, sysmm, sysmodel, sysproc, syssvc, systenancy, userfs
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.table import BY_NAME, SYSCALLS
 
@@ -49,6 +49,8 @@ _BY_NAME: dict[str, Callable] = {
     "feedback": userfs.sys_feedback,
     "alerts": sysinfo.sys_alerts,
     "alert_set": sysinfo.sys_alert_set,
+    "user_set": systenancy.sys_user_set,
+    "shares": systenancy.sys_shares,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}

@@ -14,11 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 from llmos.syscalls.errors import SyscallError
 
 log = logging.getLogger("llmos.kernel")
 REVOKE_GRACE_S = 60.0
+
+
+class LeaseState(Enum):
+    HELD = "held"
+    REVOKED = "revoked"          # its holder is asked to give it back
 
 
 @dataclass
@@ -28,13 +34,13 @@ class Lease:
     bytes: int
     priority: int
     purpose: str = ""
-    state: str = "held"         # held | revoked
+    state: LeaseState = LeaseState.HELD
     since: float = field(default_factory=time.monotonic)
     revoked_at: float | None = None
 
     def row(self) -> dict:
         return {"lease": self.id, "holder": self.holder, "bytes": self.bytes, "priority": self.priority,
-                "state": self.state, "purpose": self.purpose, "age_s": round(time.monotonic() - self.since, 1)}
+                "state": self.state.value, "purpose": self.purpose, "age_s": round(time.monotonic() - self.since, 1)}
 
 
 class LeaseTable:
@@ -79,12 +85,12 @@ class LeaseTable:
     def revoke_for(self, nice: int, need: int) -> int:
         """Revoke leases no more important than ``nice`` (least important, largest first) until
         ``need`` bytes are on their way back; returns the bytes being returned."""
-        coming = sum(lease.bytes for lease in self.leases.values() if lease.state == "revoked")
+        coming = sum(lease.bytes for lease in self.leases.values() if lease.state is LeaseState.REVOKED)
         for lease in sorted(self.leases.values(), key=lambda x: (-x.priority, -x.bytes)):
             if coming >= need:
                 break
-            if lease.state == "held" and lease.priority >= nice:
-                lease.state, lease.revoked_at = "revoked", time.monotonic()
+            if lease.state is LeaseState.HELD and lease.priority >= nice:
+                lease.state, lease.revoked_at = LeaseState.REVOKED, time.monotonic()
                 self.revocations += 1
                 coming += lease.bytes
                 log.info("lease %d of %s revoked for a priority %d load", lease.id, lease.holder, nice)
@@ -94,7 +100,7 @@ class LeaseTable:
         """Take back revoked leases whose holders ignore the revocation; True if any."""
         now, taken = time.monotonic(), False
         for lid, lease in list(self.leases.items()):
-            if lease.state == "revoked" and now - lease.revoked_at > REVOKE_GRACE_S:
+            if lease.state is LeaseState.REVOKED and now - lease.revoked_at > REVOKE_GRACE_S:
                 del self.leases[lid]
                 taken = True
                 log.warning("lease %d of %s taken back: not released %gs after revocation", lid,

@@ -1,16 +1,22 @@
 """The kernel: one process, one device, one loop.
 
     while running:
-        drain_syscalls()                             # answer immediate calls, register waiters
-        admit_loaded()                               # processes whose model finished loading
-        for each model on the device with work:      # an engine: driver + KV pool + scheduler
+        drain_syscalls()                             # handlers answer or register waiters
+        procs.admit_loaded()                         # processes whose model finished loading
+        for each engine (a model on the device) with work:
             plan = scheduler.schedule()              # who runs this step (a value object)
             result = driver.execute(plan)            # one forward pass over the batch
             events = scheduler.update(plan, result)  # tokens appended, processes finished
-            deliver(events)                          # stream tokens, answer waiters
+            procs.deliver(events)                    # streamed tokens, answered waiters
+        outbox.flush()                               # the one place that sends
 
-Sockets belong to the I/O thread; this loop only reads and writes its inproc end. A handler
-never blocks: ``wait`` and ``read`` register a waiter that ``deliver`` answers later.
+Sockets belong to the I/O thread; this loop only reads and writes its inproc end, and every
+frame it sends was put in the outbox (flushed after the syscalls and after the steps). A
+handler never blocks: ``wait`` and ``read`` register a waiter that ``deliver`` answers later.
+
+Admission is fair: each turn takes what the I/O thread has queued into one queue per caller
+(user or service) and serves them round robin, so one client's flood of calls delays another's
+by one call per turn, not by the flood.
 """
 from __future__ import annotations
 
@@ -18,21 +24,24 @@ import logging
 import secrets
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from llmos.kernel import handlers
+from llmos.kernel import engines, handlers
 from llmos.kernel.alerts import Alerts
-from llmos.kernel.procio import PENDING_REPLY
-from llmos.kernel.procspace import ProcSpace
-from llmos.kernel.services import ServiceManager
 from llmos.kernel.io import IOThread
 from llmos.kernel.metrics import Metrics
+from llmos.kernel.outbox import Outbox
+from llmos.kernel.procio import PENDING_REPLY
+from llmos.kernel.procmgr import ProcManager
+from llmos.kernel.proctable import ProcTable
 from llmos.kernel.security import RateLimiter, User, UserDB
+from llmos.kernel.services import ServiceManager
+from llmos.kernel.tenancy import Shares
 from llmos.syscalls import abi
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import Syscall, check_args, lookup
@@ -59,7 +68,8 @@ class KernelConfig:
     max_frame: int = abi.MAX_FRAME_BYTES
     rate_limit: float = 0.0                # calls/s per user, 0 = unlimited
     max_procs_per_user: int = 1024
-    kv_quota_blocks: int | None = None     # per non-root user
+    kv_quota_blocks: int | None = None     # per non-root user, across all its processes
+    fair_share: bool = True                # weighted fair queueing between users (--no-fair-share)
     max_drain: int = 256                   # syscalls handled per loop turn, so steps keep going
     device_budget: int | None = None       # bytes for weights + KV + adapters; default 90% of free
     host_budget: int | None = None         # bytes of offloaded weights; default 50% of available RAM
@@ -102,14 +112,24 @@ class Kernel:
         self.metrics = Metrics()               # per-call counts, latency histograms (``stat``)
         self.rate = RateLimiter(cfg.rate_limit)
         self.running = True
-        self.procs = ProcSpace(self)           # models (engines), processes, page faults
-        self.services = ServiceManager(self)
-        self.alerts = Alerts(self, cfg.alerts)
+        self.outbox = Outbox(self.stats)       # every frame the kernel sends
+        self.table = ProcTable()               # one record per process
+        self.shares = Shares(enabled=cfg.fair_share, default_kv_quota=cfg.kv_quota_blocks,
+                             weights={u.uid: u.share for u in users.users.values()})
+        self.device, models, default = (engines.boot(cfg, self.table.procs, self.shares)
+                                        if cfg.model is not None else (None, None, None))
+        self.procs = ProcManager(cfg, self.table, models, default, self.outbox, self.metrics, self.stats)
+        if models is not None:
+            models.park = self.procs.park
+        self.services = ServiceManager(cfg, self.outbox, models, on_memory_back=self.procs.retry_faulted)
+        self.alerts = Alerts(self.outbox, self.table, self.procs.engines, self.metrics, self.services, cfg.alerts)
+        self.queues: dict[Any, deque] = {}     # caller -> authenticated requests not yet served
         self.io = IOThread(cfg.socket, cfg.max_frame)
         self.chan = self.io.kernel_end
         self.poller = zmq.Poller()
         self.poller.register(self.chan, zmq.POLLIN)
         self.poller.register(self.io.monitor, zmq.POLLIN)
+        self.busy = False                      # the last turn ran a step
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -119,17 +139,22 @@ class Kernel:
             self.services.start(name)
         try:
             while self.running:
-                self.drain_syscalls(idle=not self.procs.has_work())
+                self.drain_syscalls(idle=not self.busy)
+                self.outbox.flush(self.chan)
                 self.procs.admit_loaded()                    # page faults served by the loader
+                self.busy = False
                 for engine in self.procs.engines():          # one step per model with work
-                    plan = engine.sched.schedule()
-                    engine.idle = plan.is_empty
-                    if not plan.is_empty:
-                        self.step(engine, plan)
+                    if engine.sched.has_work():
+                        plan = engine.sched.schedule()
+                        if not plan.is_empty:
+                            self.step(engine, plan)
+                            self.busy = True
+                self.outbox.flush(self.chan)
         finally:
             self.services.stop_all()
             self.procs.shutdown()
             self.alerts.shutdown()
+            self.outbox.flush(self.chan)
             self.io.stop()
             log.info("kernel down")
 
@@ -145,41 +170,62 @@ class Kernel:
             self.procs.fail_plan(engine, plan, exc)
 
     def drain_syscalls(self, idle: bool) -> None:
-        """Handle what the I/O thread has queued; when idle, sleep until something arrives."""
-        timeout = self.procs.idle_timeout_ms() if idle else 0
+        """Take what the I/O thread has queued (when idle, sleep until something arrives), then
+        serve up to ``max_drain`` requests, one per caller in turn."""
+        timeout = 0 if self.queues else (self.procs.idle_timeout_ms() if idle else 0)
         ready = dict(self.poller.poll(timeout))
         if self.io.monitor in ready:
             while self.io.monitor.poll(0):
                 self.io.monitor.recv_multipart()
                 self.stats.disconnects += 1
-        for _ in range(self.cfg.max_drain):
+        backlog = sum(len(q) for q in self.queues.values())
+        while backlog < 4 * self.cfg.max_drain:
             try:
                 identity, *frames = self.chan.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self.handle(identity, frames)
+            backlog += self.accept(identity, frames)
+        served = 0
+        while self.queues and served < self.cfg.max_drain:
+            for caller in list(self.queues):
+                queue = self.queues[caller]
+                self.serve(*queue.popleft())
+                served += 1
+                if not queue:
+                    del self.queues[caller]
         self.procs.expire_waiters()
         self.services.tick()
         self.alerts.tick()
 
     # -- one request --------------------------------------------------------------------------
-    def handle(self, identity: bytes, frames: list[bytes]) -> None:
+    def accept(self, identity: bytes, frames: list[bytes]) -> int:
+        """Decode and authenticate one frame and queue it under its caller (1), or answer its
+        error at once (0)."""
         self.stats.requests += 1
         if len(frames) != 1:
             self.stats.frames_dropped += 1      # not a DEALER single-frame request: no id to answer
-            return
+            return 0
         try:
             req = abi.decode_request(frames[0])
         except SyscallError as err:
             if err.rid is None:
                 self.stats.frames_dropped += 1
             else:
-                self.send_error(identity, err.rid, err)
-            return
-        name = "unknown"
+                self.outbox.error(identity, err.rid, err)
+            return 0
         try:
             svc = self.services.authenticate(req.token)
             user = svc.user if svc is not None else self.users.authenticate(req.token)
+        except SyscallError as err:
+            self.outbox.error(identity, req.rid, err)
+            return 0
+        self.queues.setdefault(user.name if svc is not None else user.uid, deque()).append(
+            (identity, req, user, svc))
+        return 1
+
+    def serve(self, identity: bytes, req: abi.Request, user: User, svc) -> None:
+        name = "unknown"
+        try:
             sc = self.services.lookup(req.call) or lookup(req.call)
             name = sc.name
             self.metrics.calls[name] += 1
@@ -189,19 +235,11 @@ class Kernel:
             call = Call(identity, req.rid, user, sc, check_args(sc, req.args))
             result = handlers.dispatch(self, call)
             if result is not PENDING_REPLY:
-                self.reply(call, result)
+                self.outbox.reply(call, result)
         except SyscallError as err:
             self.metrics.call_errors[name] += 1
-            self.send_error(identity, req.rid, err)
+            self.outbox.error(identity, req.rid, err)
         except Exception as exc:               # a bug in a handler must not kill the kernel
             self.metrics.call_errors[name] += 1
             log.error("handler crashed on %r: %s", req.call, traceback.format_exc())
-            self.send_error(identity, req.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
-
-    def reply(self, call: Call, result: Any, more: bool = False) -> None:
-        self.chan.send_multipart([call.identity, abi.encode_reply(call.rid, result, more)])
-
-    def send_error(self, identity: bytes, rid: Any, err: SyscallError) -> None:
-        self.stats.errors += 1
-        self.stats.rejects[err.errno] += 1
-        self.chan.send_multipart([identity, abi.encode_error(rid, err)])
+            self.outbox.error(identity, req.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable
 
 
 PENDING_REPLY = object()     # returned by a handler that will reply later (wait, read)
 
 
+class WaitKind(Enum):
+    READ = "read"                 # a streaming read: frames until the turn ends
+    WAIT = "wait"                 # a wait: one answer when the process ends (it is reaped)
+
+
 @dataclass
 class Waiter:
-    """A pending ``read`` (stream) or ``wait`` call, answered by ``deliver``."""
-    kind: str                     # "read" | "wait"
+    """A pending ``read`` (stream) or ``wait`` call, answered by the process manager."""
+    kind: WaitKind
     call: Any                     # the kernel's Call (identity, rid, user, ...)
     deadline: float | None = None
 

@@ -27,6 +27,7 @@ class User:
     uid: int
     caps: frozenset[str]
     token_hashes: list[str] = field(default_factory=list)
+    share: float = 1.0               # fair-share weight (``user_set``)
 
     @property
     def is_root(self) -> bool:
@@ -99,6 +100,18 @@ class UserDB:
         self._save()
         return token
 
+    def get(self, name: str) -> User:
+        user = self.users.get(name)
+        if user is None:
+            raise SyscallError("ENOENT", f"no user {name}")
+        return user
+
+    def set_share(self, name: str, share: float) -> User:
+        user = self.get(name)
+        user.share = float(share)
+        self._save()
+        return user
+
     def by_uid(self, uid: int) -> User:
         for u in self.users.values():
             if u.uid == uid:
@@ -115,13 +128,14 @@ class UserDB:
         data = json.loads(self.path.read_text())
         self.next_uid = data.get("next_uid", 1000)
         for name, u in data["users"].items():
-            self.users[name] = User(name, u["uid"], frozenset(u["caps"]), list(u["token_hashes"]))
+            self.users[name] = User(name, u["uid"], frozenset(u["caps"]), list(u["token_hashes"]),
+                                    float(u.get("share", 1.0)))
         self._index()
 
     def _save(self) -> None:
         data = {"next_uid": self.next_uid,
-                "users": {n: {"uid": u.uid, "caps": sorted(u.caps), "token_hashes": u.token_hashes}
-                          for n, u in self.users.items()}}
+                "users": {n: {"uid": u.uid, "caps": sorted(u.caps), "token_hashes": u.token_hashes,
+                              "share": u.share} for n, u in self.users.items()}}
         write_private(self.path, json.dumps(data, indent=1))
         self._index()
 

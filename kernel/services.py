@@ -17,12 +17,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-
-import msgpack
+from enum import Enum
 
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User, hash_token
-from llmos.syscalls.abi import encode_reply
+from llmos.syscalls.abi import encode_reply, encode_service_call
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import BY_NAME, Arg, Syscall, check_args
 
@@ -33,10 +32,20 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 STABLE_S = 30.0                 # up this long: the next failure restarts fast again
 
 
+class SvcState(Enum):
+    STARTING = "starting"             # started, not registered yet
+    UP = "up"
+    DOWN = "down"                     # failed; restarts when ``restart_at`` comes
+    STOPPED = "stopped"               # by request (or never started)
+
+
+RUNNING_STATES = (SvcState.STARTING, SvcState.UP)
+
+
 @dataclass
 class ServiceProc:
     name: str
-    state: str = "stopped"            # starting | up | down | stopped
+    state: SvcState = SvcState.STOPPED
     proc: subprocess.Popen | None = None
     token_hash: str = ""
     identity: bytes | None = None
@@ -63,8 +72,11 @@ class Pending:
 
 
 class ServiceManager:
-    def __init__(self, kernel):
-        self.k = kernel
+    """Given the kernel's config, the outbox, and the model manager (services hold memory
+    leases); ``on_memory_back`` runs when a service's leases die with it."""
+
+    def __init__(self, cfg, outbox, models=None, on_memory_back=lambda: None):
+        self.cfg, self.outbox, self.models, self.on_memory_back = cfg, outbox, models, on_memory_back
         self.services: dict[str, ServiceProc] = {}
         self.by_token: dict[str, ServiceProc] = {}
         self.routes: dict[str, ServiceProc] = {}          # call name -> the service serving it
@@ -74,21 +86,21 @@ class ServiceManager:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, name: str) -> ServiceProc:
         svc = self.services.setdefault(name, ServiceProc(name))
-        if svc.state in ("starting", "up"):
+        if svc.state in RUNNING_STATES:
             raise SyscallError("EBUSY", f"service {name} is already running")
         self._drop_token(svc)
         token = "svc_" + secrets.token_urlsafe(32)
         svc.token_hash = hash_token(token)
         self.by_token[svc.token_hash] = svc
-        data_dir = self.k.cfg.state_dir / "services" / name
+        data_dir = self.cfg.state_dir / "services" / name
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = {**os.environ, "LLMOS_SOCKET": self.k.cfg.socket, "LLMOS_SERVICE_TOKEN": token,
+        env = {**os.environ, "LLMOS_SOCKET": self.cfg.socket, "LLMOS_SERVICE_TOKEN": token,
                "LLMOS_SERVICE_DIR": str(data_dir)}
         out = open(data_dir / "service.log", "ab")
         svc.proc = subprocess.Popen([sys.executable, "-m", "llmos.services.run", name], env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         out.close()
-        svc.state, svc.started_at, svc.last_heartbeat, svc.restart_at = "starting", time.monotonic(), time.monotonic(), None
+        svc.state, svc.started_at, svc.last_heartbeat, svc.restart_at = SvcState.STARTING, time.monotonic(), time.monotonic(), None
         log.info("service %s started (pid %d)", name, svc.proc.pid)
         return svc
 
@@ -105,22 +117,22 @@ class ServiceManager:
     def tick(self) -> None:
         """Housekeeping each loop turn: notice dead or silent services, restart due ones."""
         now = time.monotonic()
-        limit = self.k.cfg.service_call_timeout
+        limit = self.cfg.service_call_timeout
         for kid, p in list(self.pending.items()):       # a service that never answers a call
             if now - p.last_heard > limit:
                 del self.pending[kid]
-                err = SyscallError("ETIMEDOUT", f"service {p.service} did not answer within {limit:g}s")
-                p.on_reply(False, err) if p.on_reply else self.k.send_error(p.identity, p.rid, err)
-        mm = self.k.procs.models
+                self._fail(p, SyscallError("ETIMEDOUT", f"service {p.service} did not answer within {limit:g}s"))
+        mm = self.models
         if mm is not None and mm.leases.leases and mm.leases.expire():
-            self.k.procs.retry_faulted()
+            self.on_memory_back()
         for svc in self.services.values():
-            if svc.state in ("starting", "up"):
+            if svc.state in RUNNING_STATES:
+                up = svc.state is SvcState.UP
                 if svc.proc.poll() is not None:
                     self._down(svc, f"exited with {svc.proc.returncode}")
-                elif now - svc.last_heartbeat > (HEARTBEAT_TIMEOUT_S if svc.state == "up" else START_TIMEOUT_S):
-                    self._down(svc, "missed heartbeats" if svc.state == "up" else "did not register in time")
-            elif svc.state == "down" and svc.restart_at is not None and now >= svc.restart_at:
+                elif now - svc.last_heartbeat > (HEARTBEAT_TIMEOUT_S if up else START_TIMEOUT_S):
+                    self._down(svc, "missed heartbeats" if up else "did not register in time")
+            elif svc.state is SvcState.DOWN and svc.restart_at is not None and now >= svc.restart_at:
                 svc.restarts += 1
                 self.start(svc.name)
 
@@ -135,18 +147,23 @@ class ServiceManager:
         for kid, p in list(self.pending.items()):
             if p.service == svc.name:
                 del self.pending[kid]
-                err = SyscallError("EAGAIN", f"service {svc.name} went down: {why}")
-                p.on_reply(False, err) if p.on_reply else self.k.send_error(p.identity, p.rid, err)
+                self._fail(p, SyscallError("EAGAIN", f"service {svc.name} went down: {why}"))
         if time.monotonic() - svc.started_at > STABLE_S:
             svc.backoff = BACKOFF_MIN_S
-        if self.k.procs.models is not None:       # its memory leases die with it
-            self.k.procs.models.leases.drop_holder(svc.user.name)
-            self.k.procs.retry_faulted()
-        svc.state, svc.identity = ("down" if restart else "stopped"), None
+        if self.models is not None:               # its memory leases die with it
+            self.models.leases.drop_holder(svc.user.name)
+            self.on_memory_back()
+        svc.state, svc.identity = (SvcState.DOWN if restart else SvcState.STOPPED), None
         svc.restart_at = time.monotonic() + svc.backoff if restart else None
         svc.backoff = min(BACKOFF_MAX_S, svc.backoff * 2)
         log.warning("service %s down (%s)%s", svc.name, why, f"; restart in {svc.restart_at - time.monotonic():.1f}s"
                     if restart else "")
+
+    def _fail(self, p: Pending, err: SyscallError) -> None:
+        p.on_reply(False, err) if p.on_reply else self.outbox.error(p.identity, p.rid, err)
+
+    def num_down(self) -> int:
+        return sum(1 for s in self.services.values() if s.state is SvcState.DOWN)
 
     def _drop_token(self, svc: ServiceProc) -> None:
         self.by_token.pop(svc.token_hash, None)
@@ -165,7 +182,7 @@ class ServiceManager:
                 raise SyscallError("EEXIST", f"call {sc.name} is already served by "
                                              f"{'the kernel' if sc.name in BY_NAME else owner.name}")
             table[sc.name] = sc
-        svc.calls, svc.identity, svc.state = table, identity, "up"
+        svc.calls, svc.identity, svc.state = table, identity, SvcState.UP
         svc.last_heartbeat = time.monotonic()
         self.routes.update({name: svc for name in table})
         log.info("service %s up: %s", svc.name, sorted(table))
@@ -187,9 +204,9 @@ class ServiceManager:
             return
         p.last_heard = time.monotonic()
         if args.get("ok"):
-            self.k.chan.send_multipart([p.identity, encode_reply(p.rid, args.get("result"), bool(args.get("more")))])
+            self.outbox.send(p.identity, encode_reply(p.rid, args.get("result"), bool(args.get("more"))))
         else:
-            self.k.send_error(p.identity, p.rid, SyscallError.from_wire(args.get("error")))
+            self.outbox.error(p.identity, p.rid, SyscallError.from_wire(args.get("error")))
         if not args.get("ok") or not args.get("more"):
             del self.pending[args["id"]]
             svc.calls_served += 1
@@ -211,20 +228,19 @@ class ServiceManager:
 
     def _send(self, name: str, args: dict, user: User, pending: Pending) -> None:
         svc = self.routes.get(name)
-        if svc is None or svc.state != "up":
+        if svc is None or svc.state is not SvcState.UP:
             raise SyscallError("EAGAIN", f"{name}: its service is not running; try again shortly")
         kid, self.next_kid = self.next_kid, self.next_kid + 1
         pending.service = svc.name
         self.pending[kid] = pending
-        msg = {"id": kid, "call": name, "args": args,
-               "caller": {"uid": user.uid, "user": user.name, "caps": sorted(user.caps)}}
-        self.k.chan.send_multipart([svc.identity, msgpack.packb(msg)])
+        caller = {"uid": user.uid, "user": user.name, "caps": sorted(user.caps)}
+        self.outbox.send(svc.identity, encode_service_call(kid, name, args, caller))
 
     def rows(self) -> list[dict]:
         now = time.monotonic()
-        return [{"name": s.name, "pid": s.proc.pid if s.proc and s.state in ("starting", "up") else None,
-                 "state": s.state, "restarts": s.restarts, "calls_served": s.calls_served,
-                 "calls": sorted(s.calls), "uptime_s": round(now - s.started_at, 1) if s.state == "up" else 0}
+        return [{"name": s.name, "pid": s.proc.pid if s.proc and s.state in RUNNING_STATES else None,
+                 "state": s.state.value, "restarts": s.restarts, "calls_served": s.calls_served,
+                 "calls": sorted(s.calls), "uptime_s": round(now - s.started_at, 1) if s.state is SvcState.UP else 0}
                 for s in self.services.values()]
 
 
@@ -237,12 +253,12 @@ def answer_later(k, call, work):
                 raise result
             out = work(result)
             if out is not PENDING_REPLY:
-                k.reply(call, out)
+                k.outbox.reply(call, out)
         except SyscallError as err:
-            k.send_error(call.identity, call.rid, err)
+            k.outbox.fail(call, err)
         except Exception as exc:             # one call's bug never reaches the loop
             log.exception("%s failed after a service's answer", call.sc.name)
-            k.send_error(call.identity, call.rid, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
+            k.outbox.fail(call, SyscallError("EIO", f"{type(exc).__name__}: {exc}"))
     return on_reply
 
 

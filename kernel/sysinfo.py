@@ -16,7 +16,8 @@ def sys_nop(k, call):
 
 def sys_uname(k, call):
     return {"sysname": "llmos", "version": llmos.__version__, "abi": ABI_VERSION,
-            "boot_id": k.boot_id, "device": k.procs.device_name(), "models": sysmodel.model_list(k.procs)}
+            "boot_id": k.boot_id, "device": k.device.name if k.device is not None else "none",
+            "models": sysmodel.model_list(k)}
 
 
 def sys_whoami(k, call):
@@ -29,7 +30,7 @@ def sys_stat(k, call):
     return {"uptime_s": round(time.time() - s.started, 3), "requests": s.requests, "errors": s.errors,
             "rejects": dict(s.rejects), "frames_dropped": s.frames_dropped,
             "disconnects": s.disconnects, "steps": s.steps, "tokens_generated": s.tokens_generated,
-            "procs": k.procs.count_by_state(), **k.metrics.report(k.procs.all_procs())}
+            "procs": k.table.count_by_state(), **k.metrics.report(k.table.all())}
 
 
 def sys_shutdown(k, call):
@@ -47,12 +48,13 @@ def sys_user_token(k, call):
 
 
 def sys_user_list(k, call):
-    return [{"user": u.name, "uid": u.uid, "caps": sorted(u.caps), "num_tokens": len(u.token_hashes)}
+    return [{"user": u.name, "uid": u.uid, "caps": sorted(u.caps), "num_tokens": len(u.token_hashes),
+             "share": u.share}
             for u in sorted(k.users.users.values(), key=lambda u: u.uid)]
 
 
 def sys_devinfo(k, call):
-    info = k.procs.devinfo()
+    info = k.device.info() if k.device is not None else None
     if info is None:
         raise SyscallError("ENOENT", "this kernel runs without a device driver (--model none)")
     return info

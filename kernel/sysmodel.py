@@ -14,15 +14,17 @@ def _models(k):
 
 
 def sys_model_load(k, call):
-    mm, ps = _models(k), k.procs
-    entry = ps.entry(call.args["name"])
+    mm = _models(k)
+    entry = k.procs.entry(call.args["name"])
     if mm.fault(entry, pin=call.args["pin"]):
-        return models_row(ps, entry)
-    ps.load_waiters.setdefault(entry.name, []).append(call)   # answered by admit_loaded
+        return models_row(k, entry)
     if not entry.loading:
-        ps.load_waiters[entry.name].remove(call)
         raise SyscallError("EAGAIN", f"model {entry.name!r} does not fit until busy models' processes end; "
                                      f"free {mm.free_bytes()} bytes, it needs {entry.weight_bytes} + KV")
+
+    def answer(error):                       # when the load ends (admit_loaded)
+        k.outbox.fail(call, error) if error is not None else k.outbox.reply(call, models_row(k, entry))
+    k.procs.on_loaded(entry, answer)
     return PENDING_REPLY
 
 
@@ -38,7 +40,7 @@ def sys_model_unload(k, call):
 
 def sys_models(k, call):
     _models(k)
-    return model_list(k.procs)
+    return model_list(k)
 
 
 def sys_free(k, call):
@@ -55,20 +57,20 @@ def sys_free(k, call):
                      "adapters": sum(a["host"] for a in adapters), "free": mm.host_budget - host_weights}}
 
 
-def models_row(ps, e) -> dict:
+def models_row(k, e) -> dict:
     """One row of ``models``: where a model's weights are and who uses it."""
     d = e.engine.driver if e.engine else e.host_driver
     arch = (e.config.architectures or ["?"])[0] if e.config is not None else None   # an alias not read yet
     return {"name": e.name, "path": e.path, "architecture": arch,
             "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where,
             "loading": e.loading, "bytes": e.weight_bytes, "kv_bytes": e.engine.kv_bytes if e.engine else 0,
-            "pinned": e.pinned, "random_weights": e.random_weights, "default": e is ps.default,
+            "pinned": e.pinned, "random_weights": e.random_weights, "default": e is k.procs.default,
             "last_used_s_ago": round(time.monotonic() - e.last_used, 3) if e.last_used else None,
-            "processes": sum(1 for p, m in ps.model_of.items() if m is e),
+            "processes": len(k.table.of_model(e)),
             "adapters": e.engine.driver.adapters() if e.engine else []}
 
 
-def model_list(ps) -> list[dict]:
-    if ps.models is None:
+def model_list(k) -> list[dict]:
+    if k.procs.models is None:
         return []
-    return [models_row(ps, e) for e in ps.models.entries.values()]
+    return [models_row(k, e) for e in k.procs.models.entries.values()]

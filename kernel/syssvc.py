@@ -69,7 +69,7 @@ def sys_svc_start(k, call):
     if name not in known_services():
         raise SyscallError("ENOENT", f"no service {name!r}; known: {sorted(known_services())}")
     svc = k.services.start(name)
-    return {"name": name, "pid": svc.proc.pid, "state": svc.state}
+    return {"name": name, "pid": svc.proc.pid, "state": svc.state.value}
 
 
 def sys_svc_stop(k, call):

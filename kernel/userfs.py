@@ -27,10 +27,10 @@ KEEP_EXPORTS = 16              # exported adapters kept per user beyond those in
 
 
 def sys_feedback(k, call):
-    ps, a = k.procs, call.args
-    proc = ps.get(call, a["pid"])
-    io, entry = ps.io.get(proc.pid), ps.model_of[proc.pid]
-    if io is None or not (io.turn_ids or io.text):
+    a = call.args
+    proc = k.table.owned(call.user, a["pid"])
+    io, entry = proc.io, proc.entry
+    if not (io.turn_ids or io.text):
         raise SyscallError("EINVAL", f"process {proc.pid} has no output to rate yet")
     if not io.turn_done:
         raise SyscallError("EBUSY", f"process {proc.pid} is still answering; rate it when its turn ends")

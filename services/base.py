@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import msgpack
 import zmq
 
 from llmos.syscalls import abi
@@ -90,8 +89,12 @@ class Service:
         while True:
             wait = next_beat - time.monotonic()
             if sock.poll(max(1, int((min(wait, 0.02) if self._busy else wait) * 1000))):
-                msg = msgpack.unpackb(sock.recv(), raw=False)
-                if "call" in msg and "caller" in msg:
+                try:
+                    kind, msg = abi.decode_service_frame(sock.recv())
+                except SyscallError as err:             # not ours to answer: note it, go on
+                    log.error("%s: %s", self.name, err.message)
+                    continue
+                if kind == abi.SERVICE_CALL:
                     if msg["call"] in self.threaded:
                         self._busy += 1
                         self._workers.submit(self._serve, table, msg, lambda *r: self._done.put(r))

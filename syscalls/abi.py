@@ -98,3 +98,29 @@ def _err(rid: Any, errno: str, message: str) -> SyscallError:
     err = SyscallError(errno, message)
     err.rid = rid
     return err
+
+
+# -- kernel -> service --------------------------------------------------------------------------
+# A call the kernel routes to a service (one frame; the service answers with ``svc_reply``):
+#     {"v": ABI_VERSION, "type": "call", "id": <int>, "call": <name>, "args": {..},
+#      "caller": {"uid", "user", "caps"}}
+# Everything else a service receives is an ordinary reply (to its register, heartbeat, ...).
+SERVICE_CALL = "call"
+
+
+def encode_service_call(kid: int, call: str, args: dict, caller: dict) -> bytes:
+    return msgpack.packb({"v": ABI_VERSION, "type": SERVICE_CALL, "id": kid, "call": call, "args": args,
+                          "caller": caller})
+
+
+def decode_service_frame(frame: bytes) -> tuple[str, dict]:
+    """What a service got from the kernel: ``("call", env)`` or ``("reply", env)``."""
+    env = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    if not isinstance(env, dict) or env.get("v") != ABI_VERSION:
+        raise SyscallError("EPROTO", f"frame from the kernel with ABI version {env.get('v') if isinstance(env, dict) else None!r}")
+    if env.get("type") == SERVICE_CALL:
+        if not (isinstance(env.get("id"), int) and isinstance(env.get("call"), str)
+                and isinstance(env.get("args"), dict) and isinstance(env.get("caller"), dict)):
+            raise SyscallError("EPROTO", "malformed call from the kernel")
+        return SERVICE_CALL, env
+    return "reply", env

@@ -26,7 +26,7 @@ def _arg_row(a: Arg) -> str:
     if a.choices:
         bounds.append("one of " + ", ".join(f"`{c}`" for c in a.choices))
     default = "required" if a.required else ("—" if a.default is None else f"`{a.default!r}`")
-    return f"| `{a.name}` | {a.type} | {default} | {'; '.join(bounds) or '—'} | {a.doc} |"
+    return f"| `{a.name}` | {a.shape()} | {default} | {'; '.join(bounds) or '—'} | {a.doc} |"
 
 
 def generate() -> str:

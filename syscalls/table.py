@@ -25,7 +25,9 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
 
 @dataclass(frozen=True)
 class Arg:
-    """One argument. ``nullable`` lets ``None`` through (and is implied by default=None)."""
+    """One argument, or the shape of a list's items or of a map's fields. ``None`` passes for
+    an argument that is not ``required`` (its ``default`` is used); list items and required
+    fields are never ``None``. A map's ``fields`` are checked when present; other keys pass."""
     name: str
     type: str
     required: bool = False
@@ -35,31 +37,56 @@ class Arg:
     max_len: int | None = None        # str/bytes/list/map: length bound
     choices: tuple | None = None
     doc: str = ""
+    min_len: int | None = None        # str/bytes/list/map: length bound
+    items: "Arg | None" = None        # list: every item's shape
+    fields: tuple = ()                # map: the shapes of known keys (Args)
 
     def __post_init__(self):
         assert self.type in TYPES, self.type
+        assert self.items is None or (self.type == "list" and self.items.required), self.name
+        assert not self.fields or self.type == "map", self.name
 
-    def check(self, value: Any) -> Any:
+    def shape(self) -> str:
+        """The type as docs show it: ``list[int]``, ``list[map{role, content}]``."""
+        if self.items is not None:
+            return f"list[{self.items.shape()}]"
+        if self.fields:
+            return "map{" + ", ".join(f.name for f in self.fields) + "}"
+        return self.type
+
+    def check(self, value: Any, where: str | None = None) -> Any:
+        """The value, checked (``EINVAL``/``E2BIG`` naming ``where``, e.g. ``stop[2]``), with the
+        default for ``None``."""
+        name = where or self.name
         if value is None:
             if self.required:
-                raise SyscallError("EINVAL", f"argument '{self.name}' is required")
+                raise SyscallError("EINVAL", f"argument '{name}' is required")
             return self.default
+        if (type(value) is int and self.type == "int" and self.choices is None
+                and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)):
+            return value                     # the common case (token ids), quickly
         py = _PY_TYPES[self.type]
         if not isinstance(value, py) or (isinstance(value, bool) and self.type in ("int", "float")):
-            raise SyscallError("EINVAL", f"argument '{self.name}' must be {self.type}, "
-                                         f"got {type(value).__name__}")
+            raise SyscallError("EINVAL", f"argument '{name}' must be {self.type}, got {type(value).__name__}")
         if self.type == "float":
             value = float(value)
             if value != value:
-                raise SyscallError("EINVAL", f"argument '{self.name}' is NaN")
+                raise SyscallError("EINVAL", f"argument '{name}' is NaN")
         if self.min is not None and value < self.min:
-            raise SyscallError("EINVAL", f"argument '{self.name}' must be >= {self.min}, got {value}")
+            raise SyscallError("EINVAL", f"argument '{name}' must be >= {self.min}, got {value}")
         if self.max is not None and value > self.max:
-            raise SyscallError("EINVAL", f"argument '{self.name}' must be <= {self.max}, got {value}")
+            raise SyscallError("EINVAL", f"argument '{name}' must be <= {self.max}, got {value}")
         if self.max_len is not None and len(value) > self.max_len:
-            raise SyscallError("E2BIG", f"argument '{self.name}' longer than {self.max_len}")
+            raise SyscallError("E2BIG", f"argument '{name}' longer than {self.max_len}")
+        if self.min_len is not None and len(value) < self.min_len:
+            raise SyscallError("EINVAL", f"argument '{name}' shorter than {self.min_len}")
         if self.choices is not None and value not in self.choices:
-            raise SyscallError("EINVAL", f"argument '{self.name}' must be one of {list(self.choices)}")
+            raise SyscallError("EINVAL", f"argument '{name}' must be one of {list(self.choices)}")
+        if self.items is not None:
+            return [self.items.check(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        if self.fields:
+            return {**value, **{f.name: f.check(value.get(f.name), f"{name}.{f.name}")
+                                for f in self.fields if f.required or value.get(f.name) is not None}}
         return list(value) if self.type == "list" else value
 
 
@@ -81,6 +108,12 @@ class Syscall:
         object.__setattr__(self, "arg_by_name", {a.name: a for a in self.args})
 
 
+_TOKEN_ID = Arg("token_id", "int", required=True, min=0, max=2**31 - 1)
+_MESSAGES = Arg("messages", "list", max_len=4096, doc="chat messages [{role, content}], chat template applied",
+                items=Arg("message", "map", required=True, fields=(
+                    Arg("role", "str", required=True, max_len=64), Arg("content", "str", required=True))))
+
+
 def _pid(doc="process id"):
     return Arg("pid", "int", required=True, min=1, max=2**31 - 1, doc=doc)
 
@@ -95,8 +128,9 @@ _SAMPLING = (
     Arg("top_k", "int", default=0, min=0, max=1 << 20, doc="0 = no top-k cut"),
     Arg("repetition_penalty", "float", default=1.0, min=0.01, max=10.0),
     Arg("seed", "int", min=0, max=2**63 - 1, doc="same seed -> same output; random if omitted"),
-    Arg("stop", "list", max_len=16, doc="stop strings (the output ends before them)"),
-    Arg("stop_token_ids", "list", max_len=64),
+    Arg("stop", "list", max_len=16, doc="stop strings (the output ends before them)",
+        items=Arg("stop", "str", required=True, min_len=1, max_len=1024)),
+    Arg("stop_token_ids", "list", max_len=64, items=_TOKEN_ID),
     Arg("ignore_eos", "bool", default=False),
 )
 
@@ -114,10 +148,12 @@ SYSCALLS: tuple[Syscall, ...] = (
                     "calls:{name:n}, call_errors:{name:n}, latency:{ttft|itl:{nice:{buckets, counts, sum, count}}}}"),
     Syscall(4, "ps", (Arg("all", "bool", default=False, doc="root: include every user's processes"),),
             cap="proc", doc="List your processes.",
-            returns="[{pid, ppid, user, state, nice, model, tokens_in, tokens_out, kv_blocks, kv_swapped, age_s}]"),
+            returns="[{pid, ppid, user, state, wait, nice, model, tokens_in, tokens_out, kv_blocks, kv_shared, "
+                    "kv_swapped, age_s}]"),
     Syscall(5, "shutdown", cap="admin", doc="Stop the kernel cleanly after replying.", returns="true"),
     Syscall(6, "user_add", (Arg("name", "str", required=True, max_len=64),
-                            Arg("caps", "list", max_len=len(CAPABILITIES), doc="default: all but admin")),
+                            Arg("caps", "list", max_len=len(CAPABILITIES), doc="default: all but admin",
+                                items=Arg("cap", "str", required=True, choices=CAPABILITIES))),
             cap="admin", doc="Create a user and return its first token (shown once).",
             returns="{user, uid, token}"),
     Syscall(7, "user_token", (Arg("name", "str", required=True, max_len=64),), cap="admin",
@@ -132,8 +168,8 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(11, "spawn", (
         Arg("model", "str", max_len=512, doc="model name; default: the kernel's default model"),
         Arg("prompt", "str", max_len=_TEXT, doc="raw text"),
-        Arg("messages", "list", max_len=4096, doc="chat messages [{role, content}], chat template applied"),
-        Arg("prompt_ids", "list", max_len=_IDS, doc="token ids, fed as they are"),
+        _MESSAGES,
+        Arg("prompt_ids", "list", max_len=_IDS, doc="token ids, fed as they are", items=_TOKEN_ID),
         *_SAMPLING,
         Arg("priority", "int", default=0, min=-20, max=19, doc="nice value: -20 most important"),
         Arg("interactive", "bool", default=False,
@@ -147,8 +183,8 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="start STOPPED (kill CONT runs it): e.g. fork it at its prompt for n-way sampling"),
     ), cap="proc", doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
         returns="pid"),
-    Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), Arg("messages", "list", max_len=4096),
-                          Arg("ids", "list", max_len=_IDS),
+    Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), _MESSAGES,
+                          Arg("ids", "list", max_len=_IDS, items=_TOKEN_ID),
                           Arg("max_tokens", "int", min=1, max=1 << 20, doc="for the new turn")),
             cap="proc", doc="Append input to an interactive process waiting for input; starts a new turn.",
             returns="{pid, tokens_in}"),
@@ -196,7 +232,9 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(25, "svc_stop", (Arg("name", "str", required=True, max_len=64),), cap="admin",
             doc="Stop a service (no restart); its calls answer EAGAIN.", returns="true"),
     Syscall(26, "svc_register", (Arg("name", "str", required=True, max_len=64),
-                                 Arg("calls", "list", required=True, max_len=256),
+                                 Arg("calls", "list", required=True, max_len=256,
+                                     items=Arg("call", "map", required=True, fields=(
+                                         Arg("name", "str", required=True, min_len=1, max_len=64),))),
                                  Arg("pid", "int", min=0)), cap=SERVICE_CAP,
             doc="(services only) Declare the calls this service serves: [{name, cap, stream, doc, returns, "
                 "args:[{name, type, required, default, min, max, max_len, choices, doc}]}].",
@@ -245,6 +283,16 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(35, "alert_set", (Arg("name", "str", required=True, max_len=64),
                               Arg("threshold", "float", required=True, min=0.0, doc="0 turns it off")),
             cap="admin", doc="Change an alert's threshold.", returns="{thresholds}"),
+    Syscall(36, "user_set", (Arg("name", "str", required=True, max_len=64),
+                             Arg("share", "float", min=1e-3, max=1e6,
+                                 doc="fair-share weight (default 1): within a priority level users are served "
+                                     "tokens in proportion to their shares")),
+            cap="admin", doc="Change a user's settings (saved with the users).", returns="{user, uid, share}"),
+    Syscall(37, "shares", (Arg("all", "bool", default=False, doc="root: every user with processes or a share"),),
+            cap="proc", doc="Your share of the device and what you hold: fair-share weight and fraction (among "
+                            "users with live processes), tokens served, live processes and KV blocks (a block your "
+                            "processes share counts once) against your quotas.",
+            returns="[{user, uid, share, fraction, tokens_served, procs, max_procs, kv_blocks, kv_quota}]"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -67,12 +67,12 @@ def test_a_model_load_revokes_less_or_equally_important_leases_and_waits_for_the
     important = mm.leases.grant(mm, "svc:tuner", 300, -10, "")
     new = ModelEntry("b", "b", weight_bytes=300)
     assert mm.make_room(new, nice=0) is False                 # waits for the lease to come back
-    assert background.state == "revoked" and important.state == "held"
+    assert background.state.value == "revoked" and important.state.value == "held"
     assert mm.make_room(new, nice=0) is False                 # not released yet: still waiting
     mm.leases.release("svc:tuner", background.id)
     assert mm.make_room(new, nice=0) is True
     assert mm.make_room(ModelEntry("c", "c", weight_bytes=650), nice=0) is False
-    assert important.state == "held"                          # more important than the load
+    assert important.state.value == "held"                          # more important than the load
 
 
 def test_a_holder_that_goes_away_loses_its_leases():
@@ -86,7 +86,7 @@ def test_a_revoked_lease_not_released_in_time_is_taken_back(monkeypatch):
     from llmos.kernel import leases
     mm = manager()
     lease = mm.leases.grant(mm, "svc:tuner", 500, 10, "")
-    assert mm.leases.revoke_for(0, 500) == 500 and lease.state == "revoked"
+    assert mm.leases.revoke_for(0, 500) == 500 and lease.state.value == "revoked"
     assert mm.leases.expire() is False                        # within the grace period: still counted
     monkeypatch.setattr(leases, "REVOKE_GRACE_S", -1.0)
     assert mm.leases.expire() is True and mm.free_bytes() == 1000

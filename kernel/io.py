@@ -2,8 +2,9 @@
 
 The thread runs ``zmq.proxy_steerable`` (a C loop that holds no GIL) between the ROUTER and an
 inproc PAIR; the kernel loop reads and writes the other end of that PAIR. Frames travel as
-``[routing_id, payload]``. The socket enforces the frame limit (``MAXMSGSIZE``): an oversized
-frame makes ZeroMQ drop that connection, which the monitor reports as a disconnect.
+``[routing_id, payload]``. The kernel loop refuses a frame over ``max_frame`` with EMSGSIZE; the
+socket itself (``MAXMSGSIZE``) only enforces the hard cap ``abi.socket_frame_cap(max_frame)``: a
+frame over that makes ZeroMQ drop the connection, which the monitor reports as a disconnect.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import zmq
 
-from llmos.syscalls import locate
+from llmos.syscalls import abi, locate
 
 
 class IOThread:
@@ -27,7 +28,7 @@ class IOThread:
             _secure_ipc_dir(Path(locate.ipc_path(endpoint)))
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 2000)     # last replies (shutdown's own) still go out
-        self.router.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
         self.router.setsockopt(zmq.RCVHWM, 10_000)
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.bind(endpoint)

@@ -19,7 +19,8 @@ import msgpack
 from llmos.syscalls.errors import SyscallError
 
 ABI_VERSION = 1
-MAX_FRAME_BYTES = 16 * 1024 * 1024    # default frame limit, enforced by the kernel's socket
+MAX_FRAME_BYTES = 16 * 1024 * 1024    # default frame limit (``--max-frame``): larger requests get EMSGSIZE
+SOCKET_CAP_SLACK = 1024 * 1024        # see socket_frame_cap
 MAX_REQUEST_ID_LEN = 64
 REQUEST_KEYS = frozenset({"v", "id", "call", "args", "token"})
 
@@ -46,6 +47,15 @@ def encode_error(rid: Any, err: SyscallError) -> bytes:
                           "more": False})
 
 
+def socket_frame_cap(max_frame: int) -> int:
+    """The hard cap on a frame the kernel's socket accepts (ZeroMQ MAXMSGSIZE).
+
+    A frame over ``max_frame`` but within the cap is read and answered EMSGSIZE; one over the cap
+    makes ZeroMQ drop the sender's connection unanswered. The cap bounds the memory one frame can
+    take while still leaving room to answer the frames a client typically gets wrong."""
+    return 2 * max_frame + SOCKET_CAP_SLACK
+
+
 def _valid_rid(rid: Any) -> bool:
     if isinstance(rid, bool):
         return False
@@ -54,13 +64,16 @@ def _valid_rid(rid: Any) -> bool:
     return isinstance(rid, str) and 0 < len(rid) <= MAX_REQUEST_ID_LEN
 
 
-def decode_request(frame: bytes) -> Request:
-    """Decode one request frame.
+def decode_request(frame: bytes, max_frame: int | None = None) -> Request:
+    """Decode one request frame; a frame over ``max_frame`` bytes is refused with EMSGSIZE.
 
     Raises ``SyscallError`` with ``.rid`` set when the request id could be read (the caller
     replies), or with ``.rid`` None when not even that is possible (the caller drops the
     frame and counts it).
     """
+    if max_frame is not None and len(frame) > max_frame:
+        raise _err(read_rid(frame), "EMSGSIZE",
+                   f"request is {len(frame)} bytes; the kernel's frame limit is {max_frame}")
     try:
         # Keys are checked map by map as they are built: the cost is per map, so big arrays
         # (prompt ids) decode at C speed.
@@ -95,7 +108,7 @@ def decode_request(frame: bytes) -> Request:
 
 
 def read_rid(frame: bytes) -> int | str | None:
-    """The valid request id of a frame that is not decoded whole (a bad key), or None.
+    """The valid request id of a frame that is not decoded whole (too big, or a bad key), or None.
 
     Reads only the envelope's keys and its id; every other value is skipped, not built."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, object_pairs_hook=_no_map,

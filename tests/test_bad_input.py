@@ -1,11 +1,14 @@
-"""Bad input always gets a clear error, never silence: non-string map keys."""
+"""Bad input always gets a clear error, never silence: non-string map keys, oversized frames."""
+import time
 
 import msgpack
 import pytest
 import zmq
 
+from llmos import SyscallError
 from llmos.syscalls import abi
 
+SMALL_FRAME = 4096          # --max-frame for the size tests: frames stay small
 REPLY_WITHIN_MS = 10_000    # "quickly": a client's default timeout is 30 s
 
 
@@ -67,3 +70,43 @@ def test_big_int_lists_decode_and_only_maps_have_their_keys_checked():
     ids = list(range(100_000))
     req = abi.decode_request(abi.encode_request(1, "spawn", {"prompt_ids": ids, "m": {"k": [{"a": 1}]}}, None))
     assert req.args["prompt_ids"] == ids and req.args["m"] == {"k": [{"a": 1}]}
+
+
+# -- frame sizes --------------------------------------------------------------------------------
+def test_nop_tells_the_kernels_frame_limit(start_kernel):
+    k = start_kernel("--max-frame", str(SMALL_FRAME))
+    with k.client() as c:
+        assert c.nop()["max_frame"] == SMALL_FRAME
+
+
+def test_a_too_large_client_call_fails_fast_with_emsgsize_and_is_not_sent(start_kernel):
+    k = start_kernel("--max-frame", str(SMALL_FRAME))
+    pad = "y" * 100_000                                     # above the size that makes a client ask
+    with k.client(timeout=30) as c:
+        before = c.stat()["requests"]
+        t0 = time.monotonic()
+        with pytest.raises(SyscallError) as e:
+            c.call("nop", pad=pad)
+        assert time.monotonic() - t0 < 10
+        size = len(abi.encode_request(1, "nop", {"pad": pad}, c.token))
+        assert e.value.errno == "EMSGSIZE"
+        assert f"{size} bytes" in e.value.message and str(SMALL_FRAME) in e.value.message
+        with pytest.raises(SyscallError) as e:               # the limit is known now: small frames too
+            c.call("nop", pad="y" * 10_000)
+        assert e.value.errno == "EMSGSIZE"
+        assert c.nop()["boot_id"]
+        s = c.stat()
+    assert s["requests"] == before + 3             # the nop that learnt the limit, nop, stat: nothing big
+    assert "EMSGSIZE" not in s["rejects"]
+
+
+def test_a_frame_between_max_frame_and_the_hard_cap_gets_emsgsize(start_kernel):
+    k = start_kernel("--max-frame", str(SMALL_FRAME))
+    frame = abi.encode_request(44, "nop", {"pad": "y" * 10_000}, k.token)
+    assert SMALL_FRAME < len(frame) < abi.socket_frame_cap(SMALL_FRAME)
+    s = raw_socket(k)
+    reply = ask(s, frame)
+    assert reply["id"] == 44 and reply["error"]["errno"] == "EMSGSIZE"
+    assert str(len(frame)) in reply["error"]["message"] and str(SMALL_FRAME) in reply["error"]["message"]
+    assert ask(s, abi.encode_request(45, "nop", {}, k.token))["ok"]    # the connection was kept
+    s.close()

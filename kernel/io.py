@@ -9,13 +9,13 @@ frame over that makes ZeroMQ drop the connection, which the monitor reports as a
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time
 from pathlib import Path
 
 import zmq
 
+from llmos.kernel.security import make_private_dir, own_subdir
 from llmos.syscalls import abi, locate
 
 
@@ -25,7 +25,7 @@ class IOThread:
         self.ctx = ctx or zmq.Context.instance()
         self._name = f"inproc://llmos-io-{id(self)}"
         if locate.is_ipc(endpoint):
-            _secure_ipc_dir(Path(locate.ipc_path(endpoint)))
+            secure_ipc_dir(Path(locate.ipc_path(endpoint)))
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 2000)     # last replies (shutdown's own) still go out
         self.router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
@@ -76,13 +76,10 @@ class IOThread:
                 pass
 
 
-def _secure_ipc_dir(sock_path: Path) -> None:
-    """The socket's directory must be enterable by its owner only (mode 0700)."""
+def secure_ipc_dir(sock_path: Path) -> None:
+    """The socket's directory must be enterable by its owner only (mode 0700); a shared one
+    (like /tmp) is refused, never chmodded (``PermissionError``)."""
     if len(str(sock_path)) > locate.MAX_IPC_PATH:
         raise OSError(f"socket path too long for ipc ({len(str(sock_path))} > {locate.MAX_IPC_PATH}): {sock_path}")
     d = sock_path.parent
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(d, 0o700)
-    st = d.stat()
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
-        raise PermissionError(f"{d} must be owned by this user with mode 0700")
+    make_private_dir(d, "the socket's directory", f"--socket ipc://{own_subdir(d) / sock_path.name}")

@@ -1,11 +1,20 @@
-"""Bad input always gets a clear error, never silence: non-string map keys, oversized frames."""
+"""Bad input always gets a clear error, never silence: non-string map keys, oversized frames,
+shared directories for the socket or the state."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
 from llmos import SyscallError
+from llmos.kernel.security import make_private_dir
 from llmos.syscalls import abi
 
 SMALL_FRAME = 4096          # --max-frame for the size tests: frames stay small
@@ -30,6 +39,20 @@ def envelope(rid, token: str, args: bytes = b"\x80") -> bytes:
     pairs = [("v", abi.ABI_VERSION), ("id", rid), ("call", "nop"), ("token", token)]
     return (bytes([0x80 | (len(pairs) + 1)])             # a fixmap header
             + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in pairs) + msgpack.packb("args") + args)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory shared like /tmp: mode 1777."""
+    d = Path(tempfile.mkdtemp(prefix="llmos-shared-"))
+    os.chmod(d, 0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def boot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmos.kernel", "--model", "none", "--no-services", *args],
+                          capture_output=True, text=True, timeout=120)
 
 
 # -- map keys -----------------------------------------------------------------------------------
@@ -110,3 +133,28 @@ def test_a_frame_between_max_frame_and_the_hard_cap_gets_emsgsize(start_kernel):
     assert str(len(frame)) in reply["error"]["message"] and str(SMALL_FRAME) in reply["error"]["message"]
     assert ask(s, abi.encode_request(45, "nop", {}, k.token))["ok"]    # the connection was kept
     s.close()
+
+
+# -- shared directories -------------------------------------------------------------------------
+def test_a_shared_state_dir_is_refused_and_its_mode_unchanged(shared_dir):
+    r = boot("--state-dir", str(shared_dir))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "shared directory" in r.stderr and "of your own" in r.stderr
+    assert stat.S_IMODE(shared_dir.stat().st_mode) == 0o1777
+    assert list(shared_dir.iterdir()) == []
+
+
+def test_a_shared_socket_directory_is_refused_and_its_mode_unchanged(shared_dir, tmp_path):
+    r = boot("--state-dir", str(tmp_path / "state"), "--socket", f"ipc://{shared_dir}/k.sock")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "shared directory" in r.stderr and "--socket ipc://" in r.stderr
+    assert stat.S_IMODE(shared_dir.stat().st_mode) == 0o1777
+    assert list(shared_dir.iterdir()) == []
+
+
+def test_a_directory_of_our_own_is_still_made_private(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    make_private_dir(d, "a test directory", "-")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700

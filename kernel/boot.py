@@ -1,6 +1,7 @@
 """Booting the kernel: ``python -m llmos.kernel [options]`` runs it in the foreground.
 
-Boot prepares the state directory (mode 0700), creates root and its token at first boot
+Boot prepares the state directory and the socket's directory (mode 0700; a shared directory such
+as /tmp is refused, never chmodded), creates root and its token at first boot
 (shown once, saved to ``<state>/token`` mode 0600 for the local user), takes the pidfile
 (refusing to start twice), sets up logging to ``<state>/kernel.log``, makes SIGTERM/SIGINT
 stop the loop cleanly, and runs the loop. ``llmos kernel start`` (userland) starts this module
@@ -18,8 +19,9 @@ from pathlib import Path
 import zmq
 
 from llmos import hostmem
+from llmos.kernel.io import secure_ipc_dir
 from llmos.kernel.loop import Kernel, KernelConfig
-from llmos.kernel.security import UserDB, write_private
+from llmos.kernel.security import UserDB, make_private_dir, own_subdir, write_private
 from llmos.syscalls import abi, locate
 
 PIDFILE = "kernel.pid"
@@ -117,8 +119,10 @@ def check_endpoint(endpoint: str) -> None:
 
 def prepare_state_dir(state: Path) -> UserDB:
     """Create the state directory and the user table; at first boot make root's token."""
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(state, 0o700)
+    try:
+        make_private_dir(state, "the state directory", f"--state-dir {own_subdir(state)}")
+    except OSError as err:
+        raise SystemExit(f"llmos: {err}")
     users = UserDB(state / "users.json")
     token = users.bootstrap()
     if token is not None:
@@ -126,6 +130,15 @@ def prepare_state_dir(state: Path) -> UserDB:
         print(f"llmos: first boot; root token (shown once, saved to {state / locate.TOKEN_NAME}):\n{token}",
               flush=True)
     return users
+
+
+def prepare_socket_dir(endpoint: str) -> None:
+    """An ipc socket's directory: mode 0700, and never a shared one."""
+    if locate.is_ipc(endpoint):
+        try:
+            secure_ipc_dir(Path(locate.ipc_path(endpoint)))
+        except OSError as err:
+            raise SystemExit(f"llmos: {err}")
 
 
 def take_pidfile(state: Path, socket: str) -> Path:
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     check_endpoint(cfg.socket)
     hostmem.keep_large_buffers()
     users = prepare_state_dir(cfg.state_dir)
+    prepare_socket_dir(cfg.socket)
     pidfile = take_pidfile(cfg.state_dir, cfg.socket)
     setup_logging(cfg.state_dir)
     try:

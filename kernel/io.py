@@ -2,20 +2,21 @@
 
 The thread runs ``zmq.proxy_steerable`` (a C loop that holds no GIL) between the ROUTER and an
 inproc PAIR; the kernel loop reads and writes the other end of that PAIR. Frames travel as
-``[routing_id, payload]``. The socket enforces the frame limit (``MAXMSGSIZE``): an oversized
-frame makes ZeroMQ drop that connection, which the monitor reports as a disconnect.
+``[routing_id, payload]``. The kernel loop refuses a frame over ``max_frame`` with EMSGSIZE; the
+socket itself (``MAXMSGSIZE``) only enforces the hard cap ``abi.socket_frame_cap(max_frame)``: a
+frame over that makes ZeroMQ drop the connection, which the monitor reports as a disconnect.
 """
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time
 from pathlib import Path
 
 import zmq
 
-from llmos.syscalls import locate
+from llmos.kernel.security import make_private_dir, own_subdir
+from llmos.syscalls import abi, locate
 
 
 class IOThread:
@@ -24,10 +25,10 @@ class IOThread:
         self.ctx = ctx or zmq.Context.instance()
         self._name = f"inproc://llmos-io-{id(self)}"
         if locate.is_ipc(endpoint):
-            _secure_ipc_dir(Path(locate.ipc_path(endpoint)))
+            secure_ipc_dir(Path(locate.ipc_path(endpoint)))
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 2000)     # last replies (shutdown's own) still go out
-        self.router.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        self.router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
         self.router.setsockopt(zmq.RCVHWM, 10_000)
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.bind(endpoint)
@@ -75,13 +76,10 @@ class IOThread:
                 pass
 
 
-def _secure_ipc_dir(sock_path: Path) -> None:
-    """The socket's directory must be enterable by its owner only (mode 0700)."""
+def secure_ipc_dir(sock_path: Path) -> None:
+    """The socket's directory must be enterable by its owner only (mode 0700); a shared one
+    (like /tmp) is refused, never chmodded (``PermissionError``)."""
     if len(str(sock_path)) > locate.MAX_IPC_PATH:
         raise OSError(f"socket path too long for ipc ({len(str(sock_path))} > {locate.MAX_IPC_PATH}): {sock_path}")
     d = sock_path.parent
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(d, 0o700)
-    st = d.stat()
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
-        raise PermissionError(f"{d} must be owned by this user with mode 0700")
+    make_private_dir(d, "the socket's directory", f"--socket ipc://{own_subdir(d) / sock_path.name}")

@@ -206,7 +206,7 @@ class Kernel:
             self.stats.frames_dropped += 1      # not a DEALER single-frame request: no id to answer
             return 0
         try:
-            req = abi.decode_request(frames[0])
+            req = abi.decode_request(frames[0], max_frame=self.cfg.max_frame)
         except SyscallError as err:
             if err.rid is None:
                 self.stats.frames_dropped += 1

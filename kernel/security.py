@@ -5,10 +5,12 @@ Tokens are stored as SHA-256 hashes in ``<state>/users.json`` (mode 0600), writt
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +155,49 @@ def write_private(path: Path, text: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def make_private_dir(path: Path, what: str, instead: str) -> None:
+    """Make ``path`` a directory only its owner can enter (mode 0700), creating it if needed.
+
+    An existing directory is chmodded only when it is ours and not shared. A shared one (owned
+    by another user, or sticky, group- or other-writable, like /tmp) is left as it is and
+    raises PermissionError, naming ``what`` the directory was for and suggesting ``instead``.
+    The mode is checked and changed through one descriptor: the directory checked is the one
+    changed."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = os.fstat(fd)
+        shared = _shared_because(st)
+        if shared:
+            raise PermissionError(f"refusing to use {path} as {what}: it is a shared directory ({shared}), "
+                                  f"and making it private (mode 0700) would take it from its other users; "
+                                  f"use a directory of your own instead, e.g. {instead}")
+        os.fchmod(fd, 0o700)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(f"{path} ({what}) must have mode 0700, it has {stat.S_IMODE(st.st_mode):04o}")
+
+
+def _shared_because(st: os.stat_result) -> str:
+    """Why a directory is shared with other users ('' when it is not)."""
+    mode = stat.S_IMODE(st.st_mode)
+    reasons = [f"owned by uid {st.st_uid}"] if st.st_uid != os.getuid() else []
+    reasons += [name for bit, name in ((stat.S_ISVTX, "sticky"), (stat.S_IWGRP, "group-writable"),
+                                       (stat.S_IWOTH, "world-writable")) if mode & bit]
+    return f"{', '.join(reasons)}; mode {mode:04o}" if reasons else ""
+
+
+def own_subdir(shared: Path) -> Path:
+    """A directory of this user's own to suggest inside a shared one."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = str(os.getuid())
+    return shared / f"llmos-{name}"
 
 
 class RateLimiter:

@@ -11,7 +11,7 @@ from llmos.syscalls.errors import SyscallError
 
 
 def sys_nop(k, call):
-    return {"boot_id": k.boot_id}
+    return {"boot_id": k.boot_id, "max_frame": k.cfg.max_frame}
 
 
 def sys_uname(k, call):

@@ -2,7 +2,8 @@
 
 A Client owns one DEALER socket and is meant for one thread (make one per thread). Every call
 has a timeout; a blocking call (``wait``, ``read``) probes the kernel while it waits, so a dead
-kernel gives ``ETIMEDOUT`` and a restarted one ``ECONNRESET`` instead of a hang.
+kernel gives ``ETIMEDOUT`` and a restarted one ``ECONNRESET`` instead of a hang. A request
+larger than the kernel's frame limit fails at once with ``EMSGSIZE`` and is not sent.
 """
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ from llmos.syscalls.table import SYSCALLS, Syscall, lookup
 DEFAULT_TIMEOUT = 30.0      # seconds for an ordinary call
 PROBE_EVERY = 2.0           # seconds of silence before a blocking call checks the kernel is alive
 CONNECT_TIMEOUT = 5.0       # seconds to wait for a connection before ECONNREFUSED
+ASK_LIMIT_ABOVE = 64 * 1024  # bytes: a larger request first learns the kernel's frame limit (one nop)
 
 
 class Client:
     """A connection to a kernel. Methods named after the syscalls are generated from the table."""
 
     def __init__(self, socket: str, token: str | None, timeout: float = DEFAULT_TIMEOUT,
-                 max_frame: int = abi.MAX_FRAME_BYTES):
+                 max_frame: int | None = None):
         self.endpoint = socket
         self.token = token
         self.timeout = timeout
-        self.max_frame = max_frame
+        self.max_frame = max_frame                  # the kernel's frame limit; None until learned
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -104,11 +106,14 @@ class Client:
         sc = lookup(name) if _is_known(name) else None
         if sc is not None and sc.blocking and self._boot_id is None:
             # Learn which kernel we talk to, so a restart during the wait is noticed.
-            self._boot_id = self.call("nop")["boot_id"]
+            self._learn(self.call("nop"))
         rid = next(self._ids)
         frame = abi.encode_request(rid, name, _plain(args), self.token)
-        if len(frame) > self.max_frame:
-            raise SyscallError("EMSGSIZE", f"request is {len(frame)} bytes; the limit is {self.max_frame}")
+        if len(frame) > ASK_LIMIT_ABOVE and self.max_frame is None:
+            self._learn(self.call("nop"))
+        if self.max_frame is not None and len(frame) > self.max_frame:
+            raise SyscallError("EMSGSIZE", f"request is {len(frame)} bytes; the kernel's frame limit is "
+                                           f"{self.max_frame} (not sent)")
         if locate.is_ipc(self.endpoint) and not os.path.exists(locate.ipc_path(self.endpoint)):
             raise SyscallError("ECONNREFUSED", f"no kernel listening at {self.endpoint} "
                                                f"(start one with `llmos kernel start`)")
@@ -116,6 +121,12 @@ class Client:
             raise SyscallError("ECONNREFUSED", f"could not reach a kernel at {self.endpoint}")
         self._sock.send(frame)
         return rid
+
+    def _learn(self, nop: dict) -> None:
+        """Remember which kernel we talk to and its frame limit, from a nop's result."""
+        self._boot_id = nop["boot_id"]
+        if self.max_frame is None:
+            self.max_frame = nop.get("max_frame", abi.MAX_FRAME_BYTES)   # older kernels: the default
 
     def _recv(self, rid: int, timeout: float | None, blocking: bool) -> tuple[Any, bool]:
         """Wait for the next frame of request ``rid``; stale frames of older requests are dropped."""

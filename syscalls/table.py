@@ -135,8 +135,9 @@ _SAMPLING = (
 )
 
 SYSCALLS: tuple[Syscall, ...] = (
-    Syscall(0, "nop", doc="Do nothing; measures round-trip cost and tells the kernel's boot id.",
-            returns="{boot_id}"),
+    Syscall(0, "nop", doc="Do nothing; measures round-trip cost and tells the kernel's boot id and frame "
+                          "limit (bytes; a larger request gets EMSGSIZE).",
+            returns="{boot_id, max_frame}"),
     Syscall(1, "uname", doc="Kernel identity: version, ABI version, device, models.",
             returns="{sysname, version, abi, boot_id, device, models:[{name, architecture, random_weights}]}"),
     Syscall(2, "whoami", doc="The authenticated caller.", returns="{user, uid, caps}"),

@@ -14,7 +14,7 @@ import time
 
 from llmos.drivers import text
 from llmos.drivers.batch import StepPlan, StepResult
-from llmos.kernel import sysmodel
+from llmos.kernel import objects, sysmodel
 from llmos.kernel.models import Engine, ModelEntry, ModelManager
 from llmos.kernel.proc import ProcState
 from llmos.kernel.procio import ProcIO, Waiter
@@ -90,7 +90,7 @@ class ProcSpace:
                 if done.error:
                     self.k.send_error(call.identity, call.rid, done.error)
                 else:
-                    self.k.reply(call, sysmodel.models_row(self, entry))
+                    self.k.reply(call, sysmodel.models_row(self, entry, call.user))   # [objects]
             for pid, proc in list(self.faulted.items()):
                 if self.model_of[pid] is not entry or not proc.is_alive:
                     continue
@@ -287,18 +287,10 @@ class ProcSpace:
             proc.state = ProcState.BLOCKED
             self.faulted[proc.pid] = proc
 
-    @staticmethod
-    def ensure_adapter(engine: Engine, adapter: str) -> None:
+    def ensure_adapter(self, engine: Engine, adapter: str) -> None:
         """Make a LoRA adapter known to this model's driver: by name if loaded, else from its
         directory (validated against the model: missing -> ENOENT, mismatched or corrupt -> EINVAL)."""
-        if any(a["name"] == adapter for a in engine.driver.adapters()):
-            return
-        try:
-            engine.driver.load_adapter(adapter, adapter)
-        except FileNotFoundError as exc:
-            raise SyscallError("ENOENT", f"adapter {adapter!r}: {exc}"[:300])
-        except (ValueError, KeyError, OSError) as exc:
-            raise SyscallError("EINVAL", f"adapter {adapter!r} does not fit model {engine.name!r}: {exc}"[:400])
+        objects.load_adapter(self.models, engine, adapter)                     # [objects]
 
     def proc(self, pid: int):
         if pid in self.faulted:

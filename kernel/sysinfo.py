@@ -16,7 +16,7 @@ def sys_nop(k, call):
 
 def sys_uname(k, call):
     return {"sysname": "llmos", "version": llmos.__version__, "abi": ABI_VERSION,
-            "boot_id": k.boot_id, "device": k.procs.device_name(), "models": sysmodel.model_list(k.procs)}
+            "boot_id": k.boot_id, "device": k.procs.device_name(), "models": sysmodel.model_list(k.procs, call.user)}
 
 
 def sys_whoami(k, call):

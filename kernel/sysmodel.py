@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from llmos.kernel import objects
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.errors import SyscallError
 
@@ -15,9 +16,10 @@ def _models(k):
 
 def sys_model_load(k, call):
     mm, ps = _models(k), k.procs
-    entry = ps.entry(call.args["name"])
+    objects.check_pin(call.user, call.args["pin"])
+    entry = objects.resolve_model(ps, call.user, call.args["name"])
     if mm.fault(entry, pin=call.args["pin"]):
-        return models_row(ps, entry)
+        return models_row(ps, entry, call.user)
     ps.load_waiters.setdefault(entry.name, []).append(call)   # answered by admit_loaded
     if not entry.loading:
         ps.load_waiters[entry.name].remove(call)
@@ -29,16 +31,17 @@ def sys_model_load(k, call):
 def sys_model_unload(k, call):
     name = call.args["name"]
     ps = k.procs
-    entry = ps.entry(name)
+    entry = objects.resolve_model(ps, call.user, name)
     if entry is ps.default:
         raise SyscallError("EBUSY", f"{entry.name!r} is the kernel's default model")
+    objects.check_unload(call.user, entry, ps.all_procs())
     _models(k).unload(entry.name)
     return True
 
 
 def sys_models(k, call):
     _models(k)
-    return model_list(k.procs)
+    return model_list(k.procs, call.user)
 
 
 def sys_free(k, call):
@@ -55,20 +58,21 @@ def sys_free(k, call):
                      "adapters": sum(a["host"] for a in adapters), "free": mm.host_budget - host_weights}}
 
 
-def models_row(ps, e) -> dict:
-    """One row of ``models``: where a model's weights are and who uses it."""
+def models_row(ps, e, viewer) -> dict:
+    """One row of ``models`` as ``viewer`` may see it: where a model's weights are, who owns
+    and uses it, and the viewer's adapters on it (everyone's, with ``host``)."""
     d = e.engine.driver if e.engine else e.host_driver
     arch = (e.config.architectures or ["?"])[0] if e.config is not None else None   # an alias not read yet
-    return {"name": e.name, "path": e.path, "architecture": arch,
+    name_of = ps.k.users.name_of
+    return objects.model_view({"name": e.name, "path": e.path, "owner": name_of(e.owner_uid), "architecture": arch,
             "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where,
             "loading": e.loading, "bytes": e.weight_bytes, "kv_bytes": e.engine.kv_bytes if e.engine else 0,
             "pinned": e.pinned, "random_weights": e.random_weights, "default": e is ps.default,
             "last_used_s_ago": round(time.monotonic() - e.last_used, 3) if e.last_used else None,
             "processes": sum(1 for p, m in ps.model_of.items() if m is e),
-            "adapters": e.engine.driver.adapters() if e.engine else []}
+            "adapters": objects.visible_adapters(e, viewer, name_of) if e.engine else []}, viewer)
 
 
-def model_list(ps) -> list[dict]:
-    if ps.models is None:
-        return []
-    return [models_row(ps, e) for e in ps.models.entries.values()]
+def model_list(ps, viewer) -> list[dict]:
+    """The models ``viewer`` may see (see ``objects``)."""
+    return [models_row(ps, e, viewer) for e in objects.visible_models(ps, viewer)]

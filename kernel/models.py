@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.kernel.leases import LeaseTable
+from llmos.kernel.security import ROOT_UID
 from llmos.syscalls.errors import SyscallError
 
 log = logging.getLogger("llmos.kernel")
@@ -40,10 +42,18 @@ class Engine:
     idle: bool = True
 
 
+@dataclass
+class AdapterRecord:
+    """Who loaded a LoRA adapter on a model, and what they call it."""
+    owner_uid: int
+    label: str                         # its file-store path (an export), or its host directory
+
+
 @dataclass(eq=False)
 class ModelEntry:
-    name: str                          # what users call it: an alias or the path / hub id
+    name: str                          # what users call it: an alias or the canonical path / hub id
     path: str
+    owner_uid: int = ROOT_UID          # who first named it; root's (boot model, aliases) are shared
     random_weights: bool = False
     where: str = "disk"                # "device" | "host" | "disk"
     engine: Engine | None = None       # when on the device
@@ -55,6 +65,7 @@ class ModelEntry:
     loading: bool = False
     tokenizer: object | None = None    # loaded on first mention, before the weights
     config: object | None = None
+    adapter_records: dict[str, AdapterRecord] = field(default_factory=dict)   # adapter name -> record
 
 
 @dataclass
@@ -81,16 +92,22 @@ class ModelManager:
             self.entries[alias] = ModelEntry(alias, path)
 
     # -- names --------------------------------------------------------------------------------
-    def resolve(self, name: str) -> ModelEntry:
-        """The entry for an alias, a known name, or a new local path; ``ENOENT`` otherwise."""
+    def resolve(self, name: str, owner_uid: int = ROOT_UID) -> ModelEntry:
+        """The entry for an alias, a known name, or a local path or hub id (a new entry, owned by
+        ``owner_uid``); ``ENOENT`` otherwise. Local paths are canonical: every spelling of one
+        directory is one entry. Touches the filesystem: callers check the caller may (objects)."""
         entry = self.entries.get(name)
         if entry is None:
-            hub_id = "/" in name and not name.startswith((".", "/", "~")) and not Path(name).exists()
-            if not Path(name).is_dir() and not hub_id:
+            key = canonical(name)
+            entry = self.entries.get(key) or next(
+                (e for e in self.entries.values() if canonical(e.path) == key), None)
+        if entry is None:
+            hub_id = is_hub_id(name)
+            if not Path(key).is_dir() and not hub_id:
                 known = ", ".join(sorted(self.entries)) or "none"
                 raise SyscallError("ENOENT", f"unknown model {name!r} (known: {known}; or give a model "
                                              f"directory or hub id)")
-            entry = ModelEntry(name, name)
+            entry = ModelEntry(key, key, owner_uid=owner_uid)
             try:
                 self._read_meta(entry)
             except SyscallError as err:
@@ -99,7 +116,7 @@ class ModelManager:
                                                  f"local Hugging Face cache (download it first, or boot "
                                                  f"with --model {name}): {err.message}"[:400])
                 raise
-            self.entries[name] = entry
+            self.entries[key] = entry
         if entry.config is None:
             self._read_meta(entry)
         return entry
@@ -297,6 +314,16 @@ class ModelManager:
 
     def engines(self) -> list[Engine]:
         return [e.engine for e in self.entries.values() if e.engine is not None]
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/model`` that is not a local path."""
+    return "/" in name and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def canonical(name: str) -> str:
+    """A local path made absolute with links, ``.`` and ``..`` resolved; a hub id as it is."""
+    return name if is_hub_id(name) else os.path.realpath(os.path.expanduser(name))
 
 
 def _eviction_order(e: ModelEntry) -> tuple:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from llmos.drivers import text
 from llmos.drivers.batch import StepPlan, StepResult
+from llmos.kernel import objects
 from llmos.kernel.models import Engine, ModelEntry
 from llmos.kernel.proc import Process, ProcState, Wait
 from llmos.kernel.procio import ProcIO, Waiter, WaitKind
@@ -85,18 +86,9 @@ class ProcManager:
         else:
             proc.block(Wait.MODEL)
 
-    @staticmethod
-    def ensure_adapter(engine: Engine, adapter: str) -> None:
-        """Make a LoRA adapter known to this model's driver: by name if loaded, else from its
-        directory (validated against the model: missing -> ENOENT, mismatched or corrupt -> EINVAL)."""
-        if any(a["name"] == adapter for a in engine.driver.adapters()):
-            return
-        try:
-            engine.driver.load_adapter(adapter, adapter)
-        except FileNotFoundError as exc:
-            raise SyscallError("ENOENT", f"adapter {adapter!r}: {exc}"[:300])
-        except (ValueError, KeyError, OSError) as exc:
-            raise SyscallError("EINVAL", f"adapter {adapter!r} does not fit model {engine.name!r}: {exc}"[:400])
+    def ensure_adapter(self, engine: Engine, adapter: str) -> None:
+        """Make a LoRA adapter known to this model's driver (``objects.load_adapter``)."""
+        objects.load_adapter(self.models, engine, adapter)
 
     def fork(self, parent: Process, child: Process) -> None:
         """``child`` (a fresh record) becomes a copy of ``parent`` sharing its KV copy-on-write."""

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.syscalls.errors import SyscallError
-from llmos.syscalls.table import CAPABILITIES
+from llmos.syscalls.table import CAPABILITIES, HOST_CAP
 
 ROOT_UID = 0
-DEFAULT_CAPS = tuple(c for c in CAPABILITIES if c != "admin")
+DEFAULT_CAPS = tuple(c for c in CAPABILITIES if c not in ("admin", HOST_CAP))
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 

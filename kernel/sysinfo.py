@@ -17,7 +17,7 @@ def sys_nop(k, call):
 def sys_uname(k, call):
     return {"sysname": "llmos", "version": llmos.__version__, "abi": ABI_VERSION,
             "boot_id": k.boot_id, "device": k.device.name if k.device is not None else "none",
-            "models": sysmodel.model_list(k)}
+            "models": sysmodel.model_list(k, call.user)}
 
 
 def sys_whoami(k, call):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from llmos.drivers.batch import SamplingParams
-from llmos.kernel import augment, prompts, systenancy, userfs
+from llmos.kernel import augment, objects, prompts, systenancy, userfs
 from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.procio import PENDING_REPLY, Waiter, WaitKind
 from llmos.kernel.procmgr import Signal
@@ -36,7 +36,9 @@ def sys_pinfo(k, call):
     return {**_ps_row(k, p),
             "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                          "repetition_penalty": s.repetition_penalty, "seed": s.seed},
-            "max_tokens": p.max_tokens, "interactive": p.interactive, "adapter": p.adapter, "finish_reason": io.finish_reason,
+            "max_tokens": p.max_tokens, "interactive": p.interactive,
+            "adapter": objects.adapter_label(k.procs.models, call.user, p.model, p.adapter),
+            "finish_reason": io.finish_reason,
             "num_tokens": len(p.token_ids), "num_computed_tokens": p.num_computed_tokens,
             "cached_tokens": p.num_cached_tokens, "preemptions": p.num_preemptions,
             "swaps": p.num_swaps, "recomputes": p.num_recomputes, "events": io.events,
@@ -49,7 +51,7 @@ def sys_meminfo(k, call):
     if ps.models is None:
         raise SyscallError("ENOENT", "this kernel runs without models (--model none)")
     pools = {}
-    for e in ps.engines():
+    for e in objects.visible_engines(ps, call.user):                        
         info = dict(e.sched.meminfo())
         per_block = e.driver.kv_bytes_per_block()
         info.update(block_size=ps.cfg.block_size, bytes_per_block=per_block,
@@ -90,7 +92,8 @@ def _spawn_kg(k, call, a: dict):
 def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
     ps, user = k.procs, call.user
     check_priority(user, a["priority"])
-    entry = ps.entry(a["model"])
+    entry = objects.resolve_model(ps, user, a["model"])
+    a = objects.check_adapter(entry, user, call.args["adapter"], a)
     ids = prompts.tokens_for(entry, a)
     stop_ids = prompts.check_ids("stop_token_ids", a["stop_token_ids"] or [], prompts.vocab_size(entry))
     limit = prompts.context_len(entry)

@@ -6,8 +6,10 @@
 * ``spawn(adapter="adapters/x")``: an adapter path that is not an absolute local directory
   names a directory in the caller's file store. The kernel asks ``fs`` to export it into a
   local directory named by its content (so a retrained adapter is a new one) and spawns with
-  that; a user's ``KEEP_EXPORTS`` most recently used exports stay cached. Both reply when ``fs``
-  has answered; the loop never waits.
+  that; a user's ``KEEP_EXPORTS`` most recently used exports stay cached. The export is the
+  caller's adapter (``objects.check_adapter`` records it, labelled by its file-store path, which
+  is how its owner sees it and how errors name it). Both reply when ``fs`` has answered; the
+  loop never waits.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from llmos.kernel import objects
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User
 from llmos.kernel.services import answer_later
@@ -37,7 +40,7 @@ def sys_feedback(k, call):
     tok = entry.tokenizer
     record = {"prompt": tok.decode(proc.token_ids[:proc.turn_start], skip_special_tokens=True),
               "completion": io.text, "rating": a["rating"], "model": entry.name, "pid": proc.pid,
-              "adapter": proc.adapter, "time": round(time.time(), 3)}
+              "adapter": objects.adapter_label(k.procs.models, call.user, proc.model, proc.adapter), "time": round(time.time(), 3)}
     if a["correction"] is not None:
         record["correction"] = a["correction"]
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()

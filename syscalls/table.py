@@ -13,8 +13,10 @@ from typing import Any
 
 from llmos.syscalls.errors import SyscallError
 
-CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "prio", "admin")   # what users can be granted
+CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "prio", "host", "admin")   # what users can be granted
 # prio: may use negative nice values (more important than the default), like CAP_SYS_NICE
+# host: may name host paths and hub ids (models, adapters), pin models, unload others' models
+HOST_CAP = "host"
 SERVICE_CAP = "svc"          # held only by a running service's own token, never by a user
 TYPES = ("int", "float", "str", "bool", "bytes", "list", "map", "any")
 _PY_TYPES: dict[str, tuple[type, ...]] = {
@@ -138,7 +140,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(0, "nop", doc="Do nothing; measures round-trip cost and tells the kernel's boot id and frame "
                           "limit (bytes; a larger request gets EMSGSIZE).",
             returns="{boot_id, max_frame}"),
-    Syscall(1, "uname", doc="Kernel identity: version, ABI version, device, models.",
+    Syscall(1, "uname", doc="Kernel identity: version, ABI version, device, the models you may use.",
             returns="{sysname, version, abi, boot_id, device, models:[{name, architecture, random_weights}]}"),
     Syscall(2, "whoami", doc="The authenticated caller.", returns="{user, uid, caps}"),
     Syscall(3, "stat", doc="Kernel counters: uptime, requests, errors, rejected and dropped frames, calls and "
@@ -153,7 +155,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                     "kv_swapped, age_s}]"),
     Syscall(5, "shutdown", cap="admin", doc="Stop the kernel cleanly after replying.", returns="true"),
     Syscall(6, "user_add", (Arg("name", "str", required=True, max_len=64),
-                            Arg("caps", "list", max_len=len(CAPABILITIES), doc="default: all but admin",
+                            Arg("caps", "list", max_len=len(CAPABILITIES), doc="default: all but admin and host",
                                 items=Arg("cap", "str", required=True, choices=CAPABILITIES))),
             cap="admin", doc="Create a user and return its first token (shown once).",
             returns="{user, uid, token}"),
@@ -167,7 +169,8 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="{block_size, blocks_total, blocks_used, blocks_free, blocks_shared, blocks_cached, "
                     "blocks_swapped, host_blocks_total, bytes_per_block, utilization, ...}"),
     Syscall(11, "spawn", (
-        Arg("model", "str", max_len=512, doc="model name; default: the kernel's default model"),
+        Arg("model", "str", max_len=512, doc="model name or alias (a directory or hub id needs 'host'); "
+                                             "default: the kernel's default model"),
         Arg("prompt", "str", max_len=_TEXT, doc="raw text"),
         _MESSAGES,
         Arg("prompt_ids", "list", max_len=_IDS, doc="token ids, fed as they are", items=_TOKEN_ID),
@@ -176,7 +179,8 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("interactive", "bool", default=False,
             doc="keep the process (and its KV) after each turn; continue it with write"),
         Arg("adapter", "str", max_len=1024,
-            doc="LoRA adapter: a peft adapter directory (loaded on first use) or a loaded adapter's name"),
+            doc="LoRA adapter: a directory in your file store (adapters/x), a loaded adapter of yours, or "
+                "(with 'host') a peft adapter directory on the host"),
         Arg("kg", "any", doc="true or a graph name (mine, shared, all): put the knowledge graph's facts "
                              "about the entities the prompt mentions before it (needs the kg service)"),
         Arg("kg_budget", "int", default=256, min=1, max=8192, doc="most words of facts to add"),
@@ -212,16 +216,19 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="[pid, ...]"),
     Syscall(18, "pinfo", (_pid(),), cap="proc", doc="Everything about one process (its PCB).",
             returns="{pid, ppid, user, state, nice, model, sampling, tokens_in, tokens_out, ...}"),
-    Syscall(19, "model_load", (Arg("name", "str", required=True, max_len=512, doc="alias, path or hub id"),
-                               Arg("pin", "bool", default=False, doc="never evict it")),
+    Syscall(19, "model_load", (Arg("name", "str", required=True, max_len=512,
+                                   doc="model name or alias (a directory or hub id needs 'host')"),
+                               Arg("pin", "bool", default=False, doc="never evict it (needs 'host')")),
             cap="mm", blocking=True,
             doc="Bring a model onto the device (evicting idle ones LRU if needed); replies when it is there.",
             returns="{name, path, architecture, params, dtype, where, bytes, kv_bytes, pinned, processes, ...}"),
     Syscall(20, "model_unload", (Arg("name", "str", required=True, max_len=512),), cap="mm",
-            doc="Drop a model from device and host memory (EBUSY while processes use it).", returns="true"),
-    Syscall(21, "models", cap="mm", doc="Every known model and where its weights are (device, host, disk).",
-            returns="[{name, path, architecture, params, dtype, where, loading, bytes, kv_bytes, pinned, "
-                    "last_used_s_ago, processes}]"),
+            doc="Drop a model from device and host memory (EBUSY while processes use it; another user's model, "
+                "or one with their processes, needs 'host').", returns="true"),
+    Syscall(21, "models", cap="mm", doc="The models you may use (shared ones and your own; with 'host', every "
+                                        "one) and where their weights are (device, host, disk).",
+            returns="[{name, path, owner, architecture, params, dtype, where, loading, bytes, kv_bytes, pinned, "
+                    "last_used_s_ago, processes, adapters}]"),
     Syscall(22, "free", cap="mm", doc="Device and host memory budgets split into weights, KV, reserve and free.",
             returns="{device:{budget, weights, kv, adapters, reserve, free}, host:{budget, weights, adapters, free}}"),
     Syscall(23, "svc_list", doc="Services: state, pid, restarts, calls served, the calls each serves "

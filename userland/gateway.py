@@ -115,7 +115,7 @@ class Gateway:
         self.pumps = ThreadPoolExecutor(max_workers, thread_name_prefix="llmos-gateway-pump")
         self.calls = ThreadPoolExecutor(16, thread_name_prefix="llmos-gateway-call")
         self.metrics = GatewayMetrics(self.kernel_figures)
-        self._models: tuple[float, list[dict]] = (0.0, [])
+        self._models: dict[str, tuple[float, list[dict]]] = {}   # token -> (when, what it may see)
 
     # -- blocking helpers (worker threads) ---------------------------------------------------
     def kill(self, token: str, pid: int) -> None:
@@ -128,12 +128,15 @@ class Gateway:
     def model_list(self, token: str) -> list[dict]:
         with self.pool.client(token) as c:
             models = c.uname()["models"]
-        self._models = (time.monotonic(), models)
+        now = time.monotonic()
+        self._models = {t: v for t, v in self._models.items() if now - v[0] <= MODELS_TTL_S}
+        self._models[token] = (now, models)
         return models
 
     async def models_now(self, token: str) -> list[dict]:
-        """The kernel's models, asked at most every MODELS_TTL_S seconds."""
-        at, models = self._models
+        """The models this token's user may use (the kernel shows each user their own), asked
+        at most every MODELS_TTL_S seconds per token."""
+        at, models = self._models.get(token, (0.0, []))
         return models if time.monotonic() - at <= MODELS_TTL_S else await self.run(self.model_list, token)
 
     def spawn_all(self, token: str, job: Job) -> list[int]:

@@ -84,7 +84,7 @@ class TunerService(Service):
         if priority < 0 and caller["uid"] != 0 and "prio" not in caller.get("caps", ()):
             raise SyscallError("EPERM", f"priority {priority} < 0 needs capability 'prio'")
         params = dict(params or {})
-        base_name, base_path = self._base_model(base_model)
+        base_name, base_path = self._base_model(caller, base_model)
         if search is not None:
             search = searchlib.check(search)
             sampled = searchlib.sample(search, params)
@@ -149,16 +149,21 @@ class TunerService(Service):
             raise SyscallError("ENOENT", f"no job {jid}")
         return j
 
-    def _base_model(self, name: str | None) -> tuple[str, str]:
-        models = self.kernel.uname()["models"]
+    def _base_model(self, caller, name: str | None) -> tuple[str, str]:
+        """The kernel model ``name`` (or the default) that ``caller`` may use: a shared one or
+        their own; any model, or a model directory, only with capability 'host' (as spawn)."""
+        host = caller["uid"] == 0 or "host" in caller.get("caps", ())
+        models = [m for m in self.kernel.uname()["models"]
+                  if host or m.get("owner") in ("root", caller.get("user"))]
         for m in models:
             if (name is None and m.get("default")) or (name is not None and m["name"] == name):
                 return m["name"], m["path"]
-        if name is not None and Path(name).is_dir() and (Path(name) / "config.json").exists():
+        if name is not None and host and Path(name).is_dir() and (Path(name) / "config.json").exists():
             return name, name
         known = ", ".join(m["name"] for m in models) or "none"
-        raise SyscallError("ENOENT", f"no model {name!r} (the kernel knows: {known}; or give a model "
-                                     f"directory)" if name else "the kernel has no default model")
+        raise SyscallError("ENOENT", f"no model {name!r} (the kernel knows: {known}; or, with capability "
+                                     f"'host', give a model directory)" if name else
+                           "the kernel has no default model")
 
     def _records(self, uid: int, dataset: str, max_chars: int) -> Dataset:
         fs = UserFs(self.kernel, uid)

@@ -215,12 +215,14 @@ class ProcManager:
             proc.wake()
 
     def retry_faulted(self) -> None:
-        """Models that were waiting for room may fit now (a process ended, a lease came back)."""
+        """Models that were waiting for room may fit now (a process ended, a lease came back).
+        Every live process of a model off the device wants it back, also one between turns (so
+        its next turn need not wait for a load)."""
         if self.models is None:
             return
         waiting: dict[ModelEntry, int] = {}
         for proc in self.table.procs.values():
-            if proc.waits_for_model:
+            if proc.is_alive and proc.entry.where != "device":
                 waiting[proc.entry] = min(waiting.get(proc.entry, proc.nice), proc.nice)
         self.models.retry_waiting(waiting)
 

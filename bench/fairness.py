@@ -14,8 +14,9 @@ another); user alice loads the kernel. Four measurements, medians of ``--probes`
    arrival, as before fair share). A probe that does not end within ``--unfair-timeout`` counts
    as that long (a lower bound).
 
-Total throughput (tokens generated per second, from the kernel's ``stat``) is measured over each
-phase. Targets: flood/batch <= 1.5 with fair share (the flood's size does not matter, only the
+Total throughput (tokens generated per second, from the kernel's ``stat``) is measured over the
+first ``--window`` seconds of each loaded phase (the same span after the load starts running, so
+both floods are compared at the same context lengths). Targets: flood/batch <= 1.5 with fair share (the flood's size does not matter, only the
 batch's), and fair-share throughput >= 0.9x the unfair run's.
 """
 from __future__ import annotations
@@ -66,17 +67,26 @@ def probe(bob, prompt: list[int], tokens: int, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
-def measure(k, root, bob, prompts, a, timeout: float) -> tuple[list[float], float]:
-    """Bob's probe latencies and the kernel's total tokens/s meanwhile."""
-    t0, before = time.perf_counter(), root.stat()["tokens_generated"]
+def measure(k, bob, prompts, a, timeout: float) -> tuple[list[float], float]:
+    """Bob's probe latencies, and the kernel's total tokens/s over the first ``a.window`` s."""
+    rate = []
+
+    def sample():
+        with k.client() as root:
+            t0, before = time.perf_counter(), root.stat()["tokens_generated"]
+            time.sleep(a.window)
+            rate.append((root.stat()["tokens_generated"] - before) / (time.perf_counter() - t0))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     lat = [probe(bob, prompts.pop(), a.probe_tokens, timeout) for _ in range(a.probes)]
-    rate = (root.stat()["tokens_generated"] - before) / (time.perf_counter() - t0)
-    return lat, rate
+    sampler.join()
+    return lat, rate[0]
 
 
 def load(alice, prompts, n: int, tokens: int) -> list[int]:
-    return [alice.spawn(prompt_ids=prompts[i % len(prompts)], max_tokens=tokens, ignore_eos=True)
-            for i in range(n)]
+    """``n`` long-running processes of alice's, spawned 32 at a time (the load starts at once)."""
+    args = ({"prompt_ids": prompts[i % len(prompts)], "max_tokens": tokens, "ignore_eos": True} for i in range(n))
+    return list(alice.pipeline("spawn", args, window=32))
 
 
 def unload(alice, pids: list[int]) -> None:
@@ -99,14 +109,14 @@ def run_kernel(path, device, dtype, flags, a, prompts, load_prompts, phases) -> 
             for phase in phases:
                 timeout = a.unfair_timeout if phase == "unfair" else 600.0
                 if phase == "unloaded":
-                    out[phase] = measure(k, root, bob, prompts, a, timeout)
+                    out[phase] = measure(k, bob, prompts, a, timeout)
                     continue
                 n = a.max_num_seqs if phase == "batch" else a.flood
                 pids = load(alice, load_prompts, n, a.load_tokens)
                 while sum(1 for p in alice.ps() if p["tokens_out"] > 0) < a.max_num_seqs:
                     time.sleep(0.05)      # the batch is full and running
                 nops = NopStream(k, alice.token) if phase != "batch" else None
-                out[phase] = measure(k, root, bob, prompts, a, timeout)
+                out[phase] = measure(k, bob, prompts, a, timeout)
                 live = sum(1 for p in alice.ps() if p["state"] != "ZOMBIE")
                 if nops is not None:
                     out[phase + "_nops"] = nops.close()
@@ -127,7 +137,8 @@ def main() -> int:
     ap.add_argument("--probe-tokens", type=int, default=16)
     ap.add_argument("--probe-len", type=int, default=16, help="prompt tokens of a probe")
     ap.add_argument("--load-tokens", type=int, default=1500, help="output tokens per load process")
-    ap.add_argument("--unfair-timeout", type=float, default=60.0)
+    ap.add_argument("--unfair-timeout", type=float, default=10.0, help="seconds a probe may wait without fair share")
+    ap.add_argument("--window", type=float, default=5.0, help="seconds over which throughput is measured")
     a = ap.parse_args()
 
     threads, device, dtype, path = bc.setup(a)

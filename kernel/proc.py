@@ -80,8 +80,7 @@ class Process:
     num_swaps: int = 0
     num_recomputes: int = 0
     num_cached_tokens: int = 0                  # prefill skipped thanks to the prefix cache
-    time_queued: float = 0.0
-    time_running: float = 0.0
+    time_running: float = 0.0                   # seconds in steps that computed it
     first_token_at: float | None = None
 
     # --- the kernel's process manager (never the scheduler) ---

@@ -1,7 +1,9 @@
 """A process's I/O side: the text of its current turn, stop strings, and who is listening.
 
-The scheduler deals in token ids; this is where ids become text for readers. Stop strings
-are matched on the decoded text; the kernel ends the turn when one appears and the text is
+The scheduler deals in token ids; this is where ids become text for readers, incrementally:
+each token decodes a window of a few tokens before it (as vLLM's detokenizer does), so a turn
+costs linear time, not quadratic, and a window that disagrees with what came before falls back
+to decoding the whole turn. Stop strings are matched on the decoded text; the kernel ends the turn when one appears and the text is
 cut before it. Streamed text holds back a possible partial stop string and an incomplete
 UTF-8 character, so readers never see text that is later taken back.
 """
@@ -45,9 +47,13 @@ class ProcIO:
     turn_started_at: float = field(default_factory=time.monotonic)   # for time to first token
     last_token_at: float | None = None
     waiters: list[Waiter] = field(default_factory=list)
+    # incremental decoding: turn_ids[:read] decode to ``decoded``; [prefix:read] is the context
+    decoded: str = ""
+    prefix: int = 0
+    read: int = 0
 
     def new_turn(self) -> None:
-        self.turn_ids, self.text = [], ""
+        self.turn_ids, self.text, self.decoded, self.prefix, self.read = [], "", "", 0, 0
         self.num_streamed_chars = self.num_streamed_ids = 0
         self.turn_done, self.finish_reason = False, None
         self.turn_started_at, self.last_token_at = time.monotonic(), None
@@ -55,7 +61,7 @@ class ProcIO:
     def append(self, token_id: int) -> bool:
         """Add one generated token. Returns True if a stop string now ends the turn."""
         self.turn_ids.append(token_id)
-        text = self.decode(self.turn_ids)
+        text = self._decode_new()
         for s in self.stop:
             i = text.find(s, max(0, len(self.text) - len(s)))
             if i >= 0:
@@ -64,8 +70,30 @@ class ProcIO:
         self.text = text
         return False
 
+    def _decode_new(self, final: bool = False) -> str:
+        """The turn's text so far. A trailing incomplete character waits for its next token
+        unless ``final``."""
+        ids, p, r = self.turn_ids, self.prefix, self.read
+        before = self.decode(ids[p:r]) if r > p else ""
+        window = self.decode(ids[p:])
+        if not window.startswith(before):                 # the window disagrees: decode it all
+            self.decoded = self.decode(ids)
+            self.prefix, self.read = max(0, len(ids) - 4), len(ids)
+        elif len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.decoded += window[len(before):]
+            self.prefix, self.read = r, len(ids)
+        return self.decoded
+
+    def finish(self) -> None:
+        """The turn ended: take its last tokens' text even if it ends mid-character (unless a
+        stop string already cut the text)."""
+        if self.read < len(self.turn_ids) and len(self.text) == len(self.decoded):
+            self.text = self._decode_new(final=True)
+
     def pending_chunk(self, final: bool) -> dict | None:
         """What readers have not seen yet; while the turn runs, hold back what may change."""
+        if final:
+            self.finish()
         end = len(self.text)
         if not final:
             hold = max((len(s) - 1 for s in self.stop), default=0)

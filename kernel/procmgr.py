@@ -48,6 +48,7 @@ class ProcManager:
         self.metrics = metrics
         self.stats = stats
         self.load_waiters: dict[str, list[Callable]] = {}    # model name -> model_load answers
+        self.timed: set[int] = set()            # pids with a waiter that has a deadline
 
     # -- lookups ------------------------------------------------------------------------------
     def entry(self, name: str | None) -> ModelEntry:
@@ -218,7 +219,7 @@ class ProcManager:
         """Models that were waiting for room may fit now (a process ended, a lease came back).
         Every live process of a model off the device wants it back, also one between turns (so
         its next turn need not wait for a load)."""
-        if self.models is None:
+        if self.models is None or all(e.where == "device" or e.loading for e in self.models.entries.values()):
             return
         waiting: dict[ModelEntry, int] = {}
         for proc in self.table.procs.values():
@@ -306,12 +307,18 @@ class ProcManager:
             if w is not answered:
                 self.outbox.fail(w.call, SyscallError("ESRCH", f"process {proc.pid} reaped"))
         io.waiters = []
+        self.timed.discard(proc.pid)
         sched = self.sched_of(proc)
         if sched is not None:
             sched.release(proc.pid)
         self.table.remove(proc.pid)
         self.retry_faulted()
         return result
+
+    def add_waiter(self, proc: Process, waiter: Waiter) -> None:
+        proc.io.waiters.append(waiter)
+        if waiter.deadline is not None:
+            self.timed.add(proc.pid)
 
     def _stream(self, proc: Process, final: bool) -> None:
         chunk = proc.io.pending_chunk(final)
@@ -330,17 +337,19 @@ class ProcManager:
     def idle_timeout_ms(self) -> int:
         if self.models is not None and any(e.loading for e in self.models.entries.values()):
             return 5                        # a page fault is being served: look for it soon
-        deadlines = [w.deadline for p in self.table.procs.values() for w in p.io.waiters if w.deadline]
+        deadlines = [w.deadline for pid in self.timed for w in self.table.procs[pid].io.waiters if w.deadline]
         if not deadlines:
             return 100
         return max(0, min(100, int((min(deadlines) - time.monotonic()) * 1000) + 1))
 
     def expire_waiters(self) -> None:
         now = time.monotonic()
-        for proc in self.table.procs.values():
-            if proc.io.waiters:
-                for w in proc.io.expired(now):
-                    self.outbox.fail(w.call, SyscallError("ETIMEDOUT", f"process {proc.pid} did not end in time"))
+        for pid in list(self.timed):
+            proc = self.table.procs[pid]
+            for w in proc.io.expired(now):
+                self.outbox.fail(w.call, SyscallError("ETIMEDOUT", f"process {proc.pid} did not end in time"))
+            if not any(w.deadline for w in proc.io.waiters):
+                self.timed.discard(pid)
 
     def shutdown(self) -> None:
         for proc in self.table.procs.values():

@@ -29,7 +29,7 @@ from enum import Enum
 from llmos.drivers.batch import SeqChunk, StepPlan, StepResult
 from llmos.kernel import preempt
 from llmos.kernel.block_manager import BlockManager
-from llmos.kernel.proc import NICE_MAX, NICE_MIN, Process, ProcState, Wait
+from llmos.kernel.proc import NICE_MAX, NICE_MIN, RUNNABLE, Process, ProcState, Wait
 from llmos.kernel.tenancy import Shares
 
 PREEMPT_MODES = ("auto", "swap", "recompute")
@@ -93,6 +93,8 @@ class _Step:
     adapters: set[str] = field(default_factory=set)
     prefilling: set[int] = field(default_factory=set)   # hashes of prompt blocks computed this step
     failed_need: dict[int, int] = field(default_factory=dict)   # uid -> fewest blocks it could not get
+    runnable: dict[int, list] = field(default_factory=dict)      # uid -> its runnable processes
+    max_nice: int = NICE_MIN - 1                                  # the least important of them
 
     @property
     def busy_pids(self) -> set[int]:
@@ -109,6 +111,7 @@ class Scheduler:
                                           usage=self.shares.usage)
         self.pids: dict[int, None] = {}              # the run queue: pids scheduled here, in order
         self.busy_uids: set[int] = set()             # users with runnable processes at the last step
+        self.running_pids: set[int] = set()          # the last step's batch
         self.pending_copies: list[tuple[int, int]] = []
         self.step_id = 0
         self._num_arrivals = 0
@@ -211,9 +214,19 @@ class Scheduler:
         ``order_key`` order, merged by (effective priority, the user's virtual time as this
         step's chunks advance it, arrival). With shares off this is plain ``order_key`` order."""
         queues: dict[int, list[Process]] = {}
-        for proc in self._queued():
-            if proc.is_runnable:
-                queues.setdefault(proc.uid, []).append(proc)
+        mixed: set[int] = set()              # users whose queue is not in arrival order already
+        aging, max_nice = self.config.aging_steps, step.max_nice
+        for proc in self._queued():          # the run queue is in arrival order
+            if proc.state in RUNNABLE:
+                queue = queues.get(proc.uid)
+                if queue is None:
+                    queue = queues[proc.uid] = []
+                elif proc.age or proc.nice != queue[0].nice or queue[0].age:
+                    mixed.add(proc.uid)
+                queue.append(proc)
+                if proc.nice > max_nice:
+                    max_nice = proc.nice
+        step.runnable, step.max_nice = queues, max_nice
         shares = self.shares
         shares.activate(queues, self.busy_uids)
         self.busy_uids = set(queues)
@@ -221,7 +234,8 @@ class Scheduler:
         heads: dict[int, deque] = {}
         heap = []
         for uid, procs in queues.items():
-            procs.sort(key=self.order_key)
+            if uid in mixed:                 # stable: arrival order within one effective priority
+                procs.sort(key=lambda p: p.nice - p.age // aging)
             heads[uid] = deque(procs)
             heap.append((self.effective_priority(procs[0]), vtime[uid], procs[0].arrival, uid))
         heapq.heapify(heap)
@@ -303,29 +317,33 @@ class Scheduler:
         step.preempted.append((victim.pid, mode))
 
     def _age_and_mark(self, step: _Step) -> None:
-        """Scheduled processes are RUNNING; the others age if a better nice ran (see above)."""
+        """Scheduled processes are RUNNING, the rest of the last batch READY; the others age if a
+        better nice ran (see above). Only those can change, so a long queue of equals costs
+        nothing here."""
+        table = self.table
         scheduled = {c.pid for c in step.chunks}
-        best_nice = min((self.table[pid].nice for pid in scheduled), default=NICE_MAX + 1)
-        for proc in self._queued():
-            if proc.pid in scheduled:
-                proc.state, proc.age = ProcState.RUNNING, 0
-            elif proc.is_runnable:
-                if best_nice < proc.nice:
+        for pid in self.running_pids - scheduled:
+            proc = table.get(pid)
+            if proc is not None and proc.state is ProcState.RUNNING:
+                proc.state = ProcState.READY
+        for pid in scheduled:
+            proc = table[pid]
+            proc.state, proc.age = ProcState.RUNNING, 0
+        self.running_pids = scheduled
+        best_nice = min((table[pid].nice for pid in scheduled), default=NICE_MAX + 1)
+        if best_nice >= step.max_nice:
+            return                                  # nobody waits behind a better nice
+        for procs in step.runnable.values():
+            for proc in procs:
+                if best_nice < proc.nice and proc.pid not in scheduled and proc.state in RUNNABLE:
                     proc.age += 1
-                if proc.state is ProcState.RUNNING:
-                    proc.state = ProcState.READY
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Event]:
         """Fold the driver's result into the process table; returns events in order."""
         assert result.step_id == plan.step_id, "result is for another plan"
         events = [Event(EventKind.PREEMPTED, pid, reason=mode) for pid, mode in plan.preempted]
         events += [Event(EventKind.RESUMED, pid) for pid in self._resumed.pop(plan.step_id, [])]
-        now = time.monotonic()
-        elapsed = now - self._scheduled_at
-        scheduled = {c.pid for c in plan.chunks}
-        for proc in self._queued():
-            if proc.pid not in scheduled and proc.is_runnable:
-                proc.time_queued += elapsed
+        elapsed = time.monotonic() - self._scheduled_at
         for chunk in plan.chunks:
             proc = self.table.get(chunk.pid) if chunk.pid in self.pids else None
             if proc is None or proc.state is not ProcState.RUNNING:

@@ -138,7 +138,7 @@ def sys_read(k, call):
     if io.num_streamed_ids:
         k.outbox.reply(call, {"text": io.text[:io.num_streamed_chars],
                               "token_ids": io.turn_ids[:io.num_streamed_ids]}, more=True)
-    io.waiters.append(Waiter(WaitKind.READ, call))
+    k.procs.add_waiter(p, Waiter(WaitKind.READ, call))
     return PENDING_REPLY
 
 
@@ -152,7 +152,7 @@ def sys_wait(k, call):
             k.procs.terminate(p, "killed", announce=False)
             return k.procs.reap(p)
     timeout = call.args["timeout"]
-    p.io.waiters.append(Waiter(WaitKind.WAIT, call, None if timeout is None else time.monotonic() + timeout))
+    k.procs.add_waiter(p, Waiter(WaitKind.WAIT, call, None if timeout is None else time.monotonic() + timeout))
     return PENDING_REPLY
 
 

@@ -219,8 +219,11 @@ class Kernel:
         except SyscallError as err:
             self.outbox.error(identity, req.rid, err)
             return 0
-        self.queues.setdefault(user.name if svc is not None else user.uid, deque()).append(
-            (identity, req, user, svc))
+        caller = user.name if svc is not None else user.uid
+        queue = self.queues.get(caller)
+        if queue is None:
+            queue = self.queues[caller] = deque()
+        queue.append((identity, req, user, svc))
         return 1
 
     def serve(self, identity: bytes, req: abi.Request, user: User, svc) -> None:

@@ -162,3 +162,19 @@ def test_alerts_command_lists_and_sets_thresholds(kernel):
     bad = llmos(kernel, "alerts", "nope", "1")
     assert bad.returncode == 1 and bad.stderr.startswith("EINVAL: ")
     assert llmos(kernel, "alerts", "kv_usage").returncode == 2
+
+
+def test_user_set_changes_a_share_that_user_list_and_ps_show(kernel):
+    llmos(kernel, "user", "add", "dora")
+    r = llmos(kernel, "user", "set", "dora", "share=2.5")
+    assert r.returncode == 0 and "dora: share 2.5" in r.stdout
+    assert {u["user"]: u["share"] for u in as_json(kernel, "user", "list")}["dora"] == 2.5
+    assert "2.5" in llmos(kernel, "user", "list").stdout
+    bad = llmos(kernel, "user", "set", "dora", "share=lots")
+    assert bad.returncode != 0 and "share must be a number" in bad.stderr
+    pid = as_json(kernel, "spawn", "-n", "200", "--ignore-eos", "hello")["pid"]
+    table = llmos(kernel, "ps").stdout
+    assert "SHARE" in table and "TOKENS_SERVED" in table and "KV_SHARED" in table
+    assert "users" in llmos(kernel, "top", "--once").stdout
+    llmos(kernel, "kill", str(pid))
+    as_json(kernel, "wait", str(pid))

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Iterable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -124,14 +124,27 @@ def emit(console: Console, obj: Any, as_json: bool, renderable=None) -> None:
 
 
 # -- views of particular calls ------------------------------------------------------------------
-PS_COLS = ("pid", "ppid", "user", "state", "nice", "model", "tokens_in", "tokens_out", "kv_blocks",
-           "kv_swapped", "age_s")
+PS_COLS = ("pid", "ppid", "user", "state", "wait", "nice", "model", "tokens_in", "tokens_out", "kv_blocks",
+           "kv_shared", "kv_swapped", "age_s")
+SHARE_COLS = ("user", "share", "fraction", "tokens_served", "procs", "max_procs", "kv_blocks", "kv_quota")
 
 
-def ps_view(rows: list[dict]):
+def ps_view(rows: list[dict], shares: list[dict] | None = None):
+    """Processes, then each user's share and holdings (a block shared by fork counts once)."""
     if not rows:
         return Text("no processes", style="dim")
-    return table(rows, PS_COLS, formats={"age_s": lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"})
+    procs = table(rows, PS_COLS, formats={"age_s": lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-",
+                                          "wait": lambda v: v or ""})
+    if not shares:
+        return procs
+    return Group(procs, shares_view(shares))
+
+
+def shares_view(rows: list[dict]) -> Table:
+    limit = lambda v: "-" if v is None else str(v)                                   # noqa: E731
+    return table(rows, SHARE_COLS, title="users", formats={
+        "share": lambda v: f"{v:g}", "fraction": lambda v: f"{100 * v:.0f}%", "max_procs": limit,
+        "kv_quota": limit})
 
 
 def free_view(free: dict) -> Table:

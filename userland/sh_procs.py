@@ -47,7 +47,7 @@ def _stream_markdown(ctx, pid: int) -> dict:
          arg("-a", "--all", action="store_true", help="every user's processes (root)"))
 def ps(ctx, a):
     rows = ctx.client.ps(all=a.all)
-    ctx.out(rows, render.ps_view(rows))
+    ctx.out(rows, render.ps_view(rows, ctx.client.shares(all=a.all)))
 
 
 @command("spawn", "Start a generation process; prints its pid (--follow streams its output).",

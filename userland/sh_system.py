@@ -85,11 +85,13 @@ def _user(p):
     subcommands(p, ("add", "Create a user; prints only its token.",
                     [arg("name"), arg("--caps", help="comma-separated capabilities")]),
                 ("token", "A new token for a user; prints only the token.", [arg("name")]),
-                ("list", "Users (never their tokens).", []))
+                ("set", "Change a user's settings: share=N (fair-share weight, default 1).",
+                 [arg("name"), arg("settings", nargs="+", metavar="KEY=VALUE")]),
+                ("list", "Users (never their tokens) and their shares.", []))
 
 
-@command("user", "Users (admin): user add NAME [--caps a,b] | token NAME | list.", build=_user,
-         words=("add", "token", "list"))
+@command("user", "Users (admin): user add NAME [--caps a,b] | token NAME | set NAME share=N | list.",
+         build=_user, words=("add", "token", "set", "list"))
 def user(ctx, a):
     c = ctx.client
     if a.sub == "add":
@@ -98,8 +100,20 @@ def user(ctx, a):
     elif a.sub == "token":
         r = c.user_token(a.name)
         ctx.out(r, r["token"])
+    elif a.sub == "set":
+        settings = dict(s.partition("=")[::2] for s in a.settings)
+        if set(settings) != {"share"} or not all(settings.values()):
+            raise UsageError("user set NAME share=N")
+        try:
+            share = float(settings["share"])
+        except ValueError:
+            raise UsageError(f"share must be a number, got {settings['share']!r}") from None
+        r = c.user_set(a.name, share=share)
+        ctx.out(r, f"{r['user']}: share {r['share']:g}")
     else:
-        ctx.out(c.user_list())
+        rows = c.user_list()
+        ctx.out(rows, render.table(rows, ("user", "uid", "share", "caps", "num_tokens"),
+                                   formats={"share": lambda v: f"{v:g}", "caps": lambda v: ",".join(v)}))
 
 
 def parse_value(v: str):

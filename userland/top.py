@@ -48,6 +48,7 @@ def snapshot(c) -> dict:
         "services": _try(c.svc_list),
         "alerts": _try(c.call, "alerts", _timeout=2.0),
         "stat": _try(c.stat),
+        "shares": _try(c.shares, all=True),
     }
 
 
@@ -130,6 +131,9 @@ def render_top(d: dict):
                          formats={"tok_s": lambda v: f"{v:.1f}" if v is not None else "-",
                                   "age_s": lambda v: f"{v:.0f}" if isinstance(v, (int, float)) else "-"})
     parts.append(procs if rows else Text("no processes", style="dim"))
+    shares = d.get("shares") or []
+    if shares:
+        parts.append(render.shares_view(shares))
     models = d.get("models") or []
     if models:
         parts.append(render.table(models, ("name", "where", "bytes", "processes", "pinned"), title="models",

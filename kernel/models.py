@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from llmos.kernel.leases import LeaseTable
@@ -29,6 +30,13 @@ from llmos.syscalls.errors import SyscallError
 
 log = logging.getLogger("llmos.kernel")
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+class Where(Enum):
+    """Where a model's weights are."""
+    DEVICE = "device"            # resident: an engine with a KV pool
+    HOST = "host"                # offloaded to host memory (a warm reload)
+    DISK = "disk"                # only its files
 
 
 @dataclass
@@ -55,7 +63,7 @@ class ModelEntry:
     path: str
     owner_uid: int = ROOT_UID          # who first named it; root's (boot model, aliases) are shared
     random_weights: bool = False
-    where: str = "disk"                # "device" | "host" | "disk"
+    where: Where = Where.DISK
     engine: Engine | None = None       # when on the device
     host_driver: object | None = None  # when offloaded: weights in host memory, no KV pool
     weight_bytes: int = 0              # estimated until loaded, then exact
@@ -149,7 +157,7 @@ class ModelManager:
         important may be taken for it."""
         entry.last_used = time.monotonic()
         entry.pinned = entry.pinned or pin
-        if entry.where == "device":
+        if entry.where is Where.DEVICE:
             return True
         if not entry.loading:
             self.check_fits(entry)
@@ -176,7 +184,7 @@ class ModelManager:
         """Models that could not fit earlier try again (called when processes end), each with
         the priority of its most important waiting process."""
         for entry, nice in waiting.items():
-            if not entry.loading and entry.where != "device":
+            if not entry.loading and entry.where is not Where.DEVICE:
                 self.fault(entry, nice=nice)
 
     def _load(self, entry: ModelEntry) -> None:
@@ -221,7 +229,7 @@ class ModelManager:
             if d.error is None:
                 e.weight_bytes = _module_bytes(d.driver.model)
                 e.engine = self.make_engine(e, d.driver, self.free_bytes())
-                e.host_driver, e.where = None, "device"
+                e.host_driver, e.where = None, Where.DEVICE
                 e.last_used = time.monotonic()
                 log.info("model %s on the device (%d weight bytes, %d KV bytes)", e.name, e.weight_bytes,
                          e.engine.kv_bytes)
@@ -230,7 +238,7 @@ class ModelManager:
     # -- room ---------------------------------------------------------------------------------
     def used_bytes(self) -> int:
         return sum(e.weight_bytes + e.engine.kv_bytes + e.engine.driver.adapter_bytes()["device"]
-                   for e in self.entries.values() if e.where == "device") \
+                   for e in self.entries.values() if e.where is Where.DEVICE) \
             + sum(e.weight_bytes for e in self.entries.values() if e.loading) + self.leases.used_bytes()
 
     def free_bytes(self) -> int:
@@ -249,7 +257,7 @@ class ModelManager:
     def pinned_bytes(self, besides: ModelEntry | None = None) -> int:
         """Device bytes of pinned models (never evicted), ``besides`` excluded."""
         return sum(e.weight_bytes + e.engine.kv_bytes for e in self.entries.values()
-                   if e.where == "device" and e.pinned and e is not besides)
+                   if e.where is Where.DEVICE and e.pinned and e is not besides)
 
     def check_fits(self, entry: ModelEntry) -> None:
         need = entry.weight_bytes + self.min_kv_bytes(entry)
@@ -267,7 +275,7 @@ class ModelManager:
         model, like any preemption). False if it must wait."""
         need = entry.weight_bytes + self.min_kv_bytes(entry)
         self.make_room_bytes(need, besides=entry)
-        busy = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
+        busy = sorted((e for e in self.entries.values() if e.where is Where.DEVICE and not e.pinned
                        and e is not entry and _in_use(e)), key=_eviction_order)
         short = need - self.free_bytes()
         if short > 0 and self.leases.revoke_for(nice, short) >= short:
@@ -284,7 +292,7 @@ class ModelManager:
     def make_room_bytes(self, need: int, besides: ModelEntry | None = None) -> bool:
         """Evict idle models (not ``besides``) until ``need`` bytes are free — those last used by
         the least important processes first, then least recently used; True if that did it."""
-        idle = sorted((e for e in self.entries.values() if e.where == "device" and not e.pinned
+        idle = sorted((e for e in self.entries.values() if e.where is Where.DEVICE and not e.pinned
                        and e is not besides and not _in_use(e)), key=_eviction_order)
         while self.free_bytes() < need and idle:
             self.evict(idle.pop(0))
@@ -293,24 +301,24 @@ class ModelManager:
     def evict(self, entry: ModelEntry) -> None:
         """Off the device: to host memory if the host budget allows, else dropped (disk)."""
         driver = entry.engine.driver
-        host_used = sum(e.weight_bytes for e in self.entries.values() if e.where == "host")
+        host_used = sum(e.weight_bytes for e in self.entries.values() if e.where is Where.HOST)
         if host_used + entry.weight_bytes <= self.host_budget:
             driver.to_host()                                  # its KV pool goes with it
-            entry.host_driver, entry.where = driver, "host"
+            entry.host_driver, entry.where = driver, Where.HOST
         else:
-            entry.host_driver, entry.where = None, "disk"
+            entry.host_driver, entry.where = None, Where.DISK
         entry.engine = None
-        log.info("model %s evicted to %s", entry.name, entry.where)
+        log.info("model %s evicted to %s", entry.name, entry.where.value)
 
     def unload(self, name: str) -> None:
         entry = self.entries.get(name)
-        if entry is None or entry.where == "disk" and not entry.loading:
+        if entry is None or entry.where is Where.DISK and not entry.loading:
             raise SyscallError("ENOENT", f"model {name!r} is not loaded")
         if entry.loading or (entry.engine is not None and _in_use(entry)):
             raise SyscallError("EBUSY", f"model {name!r} is in use or loading")
-        if entry.where == "device":
+        if entry.where is Where.DEVICE:
             self.evict(entry)
-        entry.host_driver, entry.where, entry.pinned = None, "disk", False
+        entry.host_driver, entry.where, entry.pinned = None, Where.DISK, False
 
     def engines(self) -> list[Engine]:
         return [e.engine for e in self.entries.values() if e.engine is not None]

@@ -21,7 +21,7 @@ from typing import Callable
 from llmos.drivers import text
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.kernel import objects
-from llmos.kernel.models import Engine, ModelEntry
+from llmos.kernel.models import Engine, ModelEntry, Where
 from llmos.kernel.proc import Process, ProcState, Wait
 from llmos.kernel.procio import ProcIO, Waiter, WaitKind
 from llmos.kernel.scheduler import EventKind, Scheduler
@@ -219,11 +219,11 @@ class ProcManager:
         """Models that were waiting for room may fit now (a process ended, a lease came back).
         Every live process of a model off the device wants it back, also one between turns (so
         its next turn need not wait for a load)."""
-        if self.models is None or all(e.where == "device" or e.loading for e in self.models.entries.values()):
+        if self.models is None or all(e.where is Where.DEVICE or e.loading for e in self.models.entries.values()):
             return
         waiting: dict[ModelEntry, int] = {}
         for proc in self.table.procs.values():
-            if proc.is_alive and proc.entry.where != "device":
+            if proc.is_alive and proc.entry.where is not Where.DEVICE:
                 waiting[proc.entry] = min(waiting.get(proc.entry, proc.nice), proc.nice)
         self.models.retry_waiting(waiting)
 

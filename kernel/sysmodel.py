@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from llmos.kernel import objects
+from llmos.kernel.models import Where
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.errors import SyscallError
 
@@ -48,11 +49,11 @@ def sys_models(k, call):
 
 def sys_free(k, call):
     mm = _models(k)
-    on_device = [e for e in mm.entries.values() if e.where == "device"]
+    on_device = [e for e in mm.entries.values() if e.where is Where.DEVICE]
     weights = sum(e.weight_bytes for e in on_device)
     kv = sum(e.engine.kv_bytes for e in on_device)
     adapters = [e.engine.driver.adapter_bytes() for e in on_device]
-    host_weights = sum(e.weight_bytes for e in mm.entries.values() if e.where == "host")
+    host_weights = sum(e.weight_bytes for e in mm.entries.values() if e.where is Where.HOST)
     return {"device": {"budget": mm.device_budget, "weights": weights, "kv": kv,
                        "adapters": sum(a["device"] for a in adapters), "reserve": mm.reserve,
                        "free": mm.free_bytes()},
@@ -67,7 +68,7 @@ def models_row(k, e, viewer) -> dict:
     arch = (e.config.architectures or ["?"])[0] if e.config is not None else None   # an alias not read yet
     name_of = k.users.name_of
     return objects.model_view({"name": e.name, "path": e.path, "owner": name_of(e.owner_uid), "architecture": arch,
-            "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where,
+            "params": d.num_params if d else None, "dtype": d.dtype if d else None, "where": e.where.value,
             "loading": e.loading, "bytes": e.weight_bytes, "kv_bytes": e.engine.kv_bytes if e.engine else 0,
             "pinned": e.pinned, "random_weights": e.random_weights, "default": e is k.procs.default,
             "last_used_s_ago": round(time.monotonic() - e.last_used, 3) if e.last_used else None,

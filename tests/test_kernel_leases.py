@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmos.kernel.models import ModelEntry, ModelManager
+from llmos.kernel.leases import LeaseState
+from llmos.kernel.models import ModelEntry, ModelManager, Where
 from llmos.syscalls.errors import SyscallError
 
 
@@ -29,7 +30,7 @@ def manager(budget=1000):
 
 def on_device(mm, name, weights=300, kv=100, busy=False, pinned=False):
     sched = SimpleNamespace(procs={1: object()} if busy else {})
-    e = ModelEntry(name, name, where="device", weight_bytes=weights, pinned=pinned)
+    e = ModelEntry(name, name, where=Where.DEVICE, weight_bytes=weights, pinned=pinned)
     e.engine = SimpleNamespace(kv_bytes=kv, driver=Driver(), sched=sched)
     mm.entries[name] = e
     return e
@@ -39,9 +40,9 @@ def test_leases_fit_beside_models_and_evict_idle_ones():
     mm = manager()
     a = on_device(mm, "a")
     first = mm.leases.grant(mm, "svc:tuner", 500, 10, "x")
-    assert a.where == "device" and mm.free_bytes() == 100
+    assert a.where is Where.DEVICE and mm.free_bytes() == 100
     mm.leases.grant(mm, "svc:tuner", 400, 10, "y")          # only with the idle model gone
-    assert a.where == "host" and mm.free_bytes() == 100
+    assert a.where is Where.HOST and mm.free_bytes() == 100
     mm.leases.release("svc:tuner", first.id)
     assert mm.free_bytes() == 600
 
@@ -67,12 +68,12 @@ def test_a_model_load_revokes_less_or_equally_important_leases_and_waits_for_the
     important = mm.leases.grant(mm, "svc:tuner", 300, -10, "")
     new = ModelEntry("b", "b", weight_bytes=300)
     assert mm.make_room(new, nice=0) is False                 # waits for the lease to come back
-    assert background.state.value == "revoked" and important.state.value == "held"
+    assert background.state is LeaseState.REVOKED and important.state is LeaseState.HELD
     assert mm.make_room(new, nice=0) is False                 # not released yet: still waiting
     mm.leases.release("svc:tuner", background.id)
     assert mm.make_room(new, nice=0) is True
     assert mm.make_room(ModelEntry("c", "c", weight_bytes=650), nice=0) is False
-    assert important.state.value == "held"                          # more important than the load
+    assert important.state is LeaseState.HELD                          # more important than the load
 
 
 def test_a_holder_that_goes_away_loses_its_leases():
@@ -86,7 +87,7 @@ def test_a_revoked_lease_not_released_in_time_is_taken_back(monkeypatch):
     from llmos.kernel import leases
     mm = manager()
     lease = mm.leases.grant(mm, "svc:tuner", 500, 10, "")
-    assert mm.leases.revoke_for(0, 500) == 500 and lease.state.value == "revoked"
+    assert mm.leases.revoke_for(0, 500) == 500 and lease.state is LeaseState.REVOKED
     assert mm.leases.expire() is False                        # within the grace period: still counted
     monkeypatch.setattr(leases, "REVOKE_GRACE_S", -1.0)
     assert mm.leases.expire() is True and mm.free_bytes() == 1000

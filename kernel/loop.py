@@ -185,17 +185,23 @@ class Kernel:
             except zmq.Again:
                 break
             backlog += self.accept(identity, frames)
+        self.serve_queued(self.cfg.max_drain)
+        self.procs.expire_waiters()
+        self.services.tick()
+        self.alerts.tick()
+
+    def serve_queued(self, limit: int) -> int:
+        """Serve up to about ``limit`` accepted requests, one per caller in turn (each caller's
+        own in order); returns how many."""
         served = 0
-        while self.queues and served < self.cfg.max_drain:
+        while self.queues and served < limit:
             for caller in list(self.queues):
                 queue = self.queues[caller]
                 self.serve(*queue.popleft())
                 served += 1
                 if not queue:
                     del self.queues[caller]
-        self.procs.expire_waiters()
-        self.services.tick()
-        self.alerts.tick()
+        return served
 
     # -- one request --------------------------------------------------------------------------
     def accept(self, identity: bytes, frames: list[bytes]) -> int:

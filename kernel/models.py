@@ -41,13 +41,13 @@ class Where(Enum):
 
 @dataclass
 class Engine:
-    """A model on the device: driver (weights + KV pool) and scheduler (its processes)."""
+    """A model on the device: driver (weights + KV pool) and scheduler (its processes' run
+    queue). Whether it has work is the scheduler's to say (``sched.has_work()``)."""
     name: str
     driver: object
     sched: object
     max_model_len: int
     kv_bytes: int
-    idle: bool = True
 
 
 @dataclass

@@ -22,7 +22,7 @@ from llmos.drivers import text
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.kernel import objects
 from llmos.kernel.models import Engine, ModelEntry, Where
-from llmos.kernel.proc import Process, ProcState, Wait
+from llmos.kernel.proc import Process, Wait
 from llmos.kernel.procio import ProcIO, Waiter, WaitKind
 from llmos.kernel.scheduler import EventKind, Scheduler
 from llmos.syscalls.errors import SyscallError

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import errno_of, wait_for
+from conftest import errno_of
 
 ARGS = ("--device", "cpu", "--dtype", "float32", "--kv-blocks", "16", "--block-size", "4")
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmos.drivers import attention, lora, lora_layers
+from llmos.drivers import attention, lora, lora_layers, selfcheck
 from llmos.drivers import text as text_codec
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.drivers.device import Device, detect
@@ -56,9 +56,15 @@ class ModelDriver:
         self.name = name or os.path.basename(os.path.normpath(model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         # device_map loads the weights straight onto the device (no host-side full copy).
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, attn_implementation=attention.register(),
-            device_map=str(self.device.torch_device))
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=torch_dtype, attn_implementation=attention.register(),
+                device_map=str(self.device.torch_device))
+        except KeyError as exc:             # its attention code looks up known implementations only
+            if attention.ATTN_IMPLEMENTATION not in str(exc):
+                raise
+            raise ValueError(f"{self.name}: its attention does not go through transformers' attention "
+                             f"interface, so it cannot use the paged KV cache") from None
         self.model.eval()
         self.config = self.model.config
         _refuse_unsupported(self.config)
@@ -78,6 +84,7 @@ class ModelDriver:
         self._index_attention_layers()
         self.kv: PagedKVCache | None = None
         self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
+        selfcheck.check(self)            # refused here unless the paged path is the model's own
 
     def _find_eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -156,13 +163,7 @@ class ModelDriver:
                 raise ValueError(f"pid {c.pid}: position {c.end_pos} exceeds max_model_len "
                                  f"{self.max_model_len}")
         dev = self.device.torch_device
-        input_ids = torch.tensor([t for c in plan.chunks for t in c.token_ids], device=dev)
-        positions = torch.tensor([p for c in plan.chunks for p in range(c.start_pos, c.end_pos)],
-                                 device=dev)
-        ctx = attention.AttentionContext.build(plan.chunks, self.kv, self.backend)
-        with attention.use_context(ctx), lora_layers.use_batch(lora_batch):
-            hidden = self._decoder(input_ids=input_ids[None], position_ids=positions[None],
-                                   use_cache=False).last_hidden_state[0]
+        hidden, ctx = self.forward(plan.chunks, lora_batch)
         sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.sample]
         if not sampling:
             return StepResult(plan.step_id, num_tokens=plan.num_tokens)
@@ -173,6 +174,19 @@ class ModelDriver:
                         [c.history for c in chunks])
         return StepResult(plan.step_id, sampled={c.pid: t for c, t in zip(chunks, tokens)},
                           num_tokens=plan.num_tokens)
+
+    def forward(self, chunks, lora_batch=None) -> tuple[torch.Tensor, attention.AttentionContext]:
+        """The decoder over ``chunks`` packed in one row, attention from the paged KV cache
+        (each chunk's new K/V written into its blocks): hidden states [T, hidden], and the
+        attention context (``query_start`` gives each chunk's rows)."""
+        dev = self.device.torch_device
+        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=dev)
+        positions = torch.tensor([p for c in chunks for p in range(c.start_pos, c.end_pos)], device=dev)
+        ctx = attention.AttentionContext.build(chunks, self.kv, self.backend)
+        with attention.use_context(ctx), lora_layers.use_batch(lora_batch):
+            hidden = self._decoder(input_ids=input_ids[None], position_ids=positions[None],
+                                   use_cache=False).last_hidden_state[0]
+        return hidden, ctx
 
     # -- text -----------------------------------------------------------------------------
 

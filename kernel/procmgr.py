@@ -151,18 +151,18 @@ class ProcManager:
         return True
 
     def write(self, proc: Process, ids: list[int]) -> None:
-        """A new turn of an interactive process waiting for input."""
-        proc.io.new_turn()
+        """A new turn of an interactive process waiting for input (a refusal changes nothing)."""
         sched = self.sched_of(proc)
         if sched is not None:
             try:
                 sched.append_input(proc.pid, ids)
             except ValueError as exc:
                 raise SyscallError("EBUSY", str(exc))
-            return
-        proc.append_turn(ids)                   # its model left the device: a page fault
-        proc.block(Wait.MODEL)
-        self.models.fault(proc.entry, nice=proc.nice)
+        else:                                   # its model left the device: a page fault
+            self.models.fault(proc.entry, nice=proc.nice)     # may refuse (ENOMEM)
+            proc.append_turn(ids)
+            proc.block(Wait.MODEL)
+        proc.io.new_turn()
 
     # -- model residency ----------------------------------------------------------------------
     def park(self, entry: ModelEntry, nice: int) -> bool:

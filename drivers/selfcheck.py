@@ -1,0 +1,81 @@
+"""The load-time gate: a model serves only if the paged path computes what the model itself does.
+
+At load the driver runs a short sequence through the paged path exactly as the scheduler would
+— a prefill in two chunks (the second crossing a block boundary and attending to the first's
+cached KV), then single-token decode steps — and compares the logits at every position with
+the model's own forward pass over the whole sequence (its standard attention, no cache). A
+model whose attention does not go through the paged interface, keeps state outside the KV pool
+(recurrent or linear-attention layers), rescales its logits after the LM head, or fails on a
+step at all, differs or raises here and is refused with the reason, instead of being accepted
+and silently wrong. It costs a few forward passes of ``NUM_TOKENS`` tokens, once per load.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmos.drivers import attention
+from llmos.drivers.batch import SeqChunk
+
+FIRST_CHUNK, SECOND_CHUNK, NUM_DECODES = 9, 8, 4          # 21 tokens
+# Largest relative logit error the paged path may show: float rounding of a different but
+# exact computation. A model attending to the wrong tokens is off by tens of percent.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def check(driver) -> None:
+    """Raise ``ValueError`` naming why ``driver``'s model cannot be served exactly."""
+    vocab = driver.config.get_text_config().vocab_size
+    total = FIRST_CHUNK + SECOND_CHUNK + NUM_DECODES
+    ids = [(3 + 7 * i) % vocab for i in range(total)]
+    try:
+        paged = _paged_logits(driver, ids)
+        own = _own_logits(driver, ids)
+    except Exception as exc:
+        raise ValueError(f"{driver.architecture}: the paged path fails on a test sequence at load "
+                         f"({type(exc).__name__}: {exc})"[:400]) from exc
+    scale = own.abs().max().item() or 1.0
+    errors = ((paged - own).abs().amax(dim=-1) / scale).tolist()
+    limit = TOLERANCE.get(driver._torch_dtype, 5e-2)
+    bad = [i for i, e in enumerate(errors) if not e <= limit]
+    if bad:
+        i = bad[0]
+        where = ("in the prefill" if i < FIRST_CHUNK else "in a second prefill chunk" if i < FIRST_CHUNK + SECOND_CHUNK
+                 else "in a decode step")
+        raise ValueError(f"{driver.architecture}: the paged path differs from the model's own forward pass "
+                         f"{where} (position {i}: relative logit error {errors[i]:.3g} > {limit:g}); its "
+                         f"attention does not go through transformers' attention interface or it keeps "
+                         f"state outside the KV cache")
+
+
+@torch.inference_mode()
+def _paged_logits(driver, ids: list[int]) -> torch.Tensor:
+    bs = driver.block_size
+    num_blocks = -(-len(ids) // bs)
+    saved, driver.kv = driver.kv, None
+    try:
+        driver.allocate_kv(num_blocks, 0)
+        table = list(range(num_blocks))
+        spans = [(0, FIRST_CHUNK), (FIRST_CHUNK, FIRST_CHUNK + SECOND_CHUNK)]
+        spans += [(p, p + 1) for p in range(FIRST_CHUNK + SECOND_CHUNK, len(ids))]
+        hidden = [driver.forward([SeqChunk(pid=0, token_ids=ids[a:b], start_pos=a, block_ids=table)])[0]
+                  for a, b in spans]
+        return driver._lm_head(torch.cat(hidden)).float()
+    finally:
+        driver.kv = saved
+
+
+@torch.inference_mode()
+def _own_logits(driver, ids: list[int]) -> torch.Tensor:
+    """The model's forward pass with its standard attention (sdpa, else eager)."""
+    model = driver.model
+    for impl in ("sdpa", "eager"):
+        try:
+            model.set_attn_implementation(impl)
+            break
+        except (ValueError, ImportError):
+            continue
+    try:
+        x = torch.tensor([ids], device=driver.device.torch_device)
+        return model(input_ids=x, use_cache=False).logits[0].float()
+    finally:
+        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)

@@ -1,0 +1,71 @@
+"""The load-time gate: a model whose paged path is not its own forward pass is refused at load,
+with the reason, instead of being served silently wrong (issue 13's first item)."""
+import tempfile
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from fixtures_models import tiny_models  # noqa: F401
+from llmos.drivers import selfcheck
+from llmos.drivers.default_model import build_tokenizer
+from llmos.drivers.model import ModelDriver
+
+
+def build(config_class, **sizes) -> str:
+    path = tempfile.mkdtemp(prefix="llmos-arch-")
+    tok = build_tokenizer(path)
+    cfg = config_class(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, initializer_range=0.2, **sizes)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+REFUSED = {   # accepted before the gate, then silently wrong or failing on the first step
+    "bloom": (transformers.BloomConfig, dict(hidden_size=64, n_layer=2, n_head=4), "differs"),
+    "mpt": (transformers.MptConfig, dict(d_model=64, n_layers=2, n_heads=4), "fails on a test sequence"),
+    "falcon_h1": (transformers.FalconH1Config, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=128), "differs"),
+    "falcon": (transformers.FalconConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+               "attention interface"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(REFUSED))
+def test_a_model_the_paged_path_cannot_serve_exactly_is_refused_at_load(arch):
+    config_class, sizes, reason = REFUSED[arch]
+    with pytest.raises(ValueError, match=reason):
+        ModelDriver(build(config_class, **sizes), device="cpu", dtype="float32", block_size=4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
+def test_architectures_served_exactly_pass_the_gate(tiny_models, arch):
+    driver = ModelDriver(tiny_models[arch], device="cpu", dtype="float32", block_size=4)
+    assert driver.kv is None                     # the check's own small pool is gone
+
+
+def test_the_gate_compares_every_position_of_a_chunked_prefill_and_decodes(tiny_models, monkeypatch):
+    driver = ModelDriver(tiny_models["llama"], device="cpu", dtype="float32", block_size=4)
+    real = driver.forward
+    seen = []
+
+    def forward(chunks, lora_batch=None):
+        seen.append([(c.start_pos, c.num_tokens) for c in chunks])
+        return real(chunks, lora_batch)
+    monkeypatch.setattr(driver, "forward", forward)
+    selfcheck.check(driver)
+    assert seen == [[(0, 9)], [(9, 8)], [(17, 1)], [(18, 1)], [(19, 1)], [(20, 1)]]
+    lost = []                                    # a decode step that forgets the cached KV differs
+
+    def amnesic(chunks, lora_batch=None):
+        if chunks[0].num_tokens == 1:
+            lost.append(1)
+            chunks = [type(c)(pid=c.pid, token_ids=c.token_ids, start_pos=0, block_ids=c.block_ids)
+                      for c in chunks]
+        return real(chunks, lora_batch)
+    monkeypatch.setattr(driver, "forward", amnesic)
+    with pytest.raises(ValueError, match="in a decode step"):
+        selfcheck.check(driver)
+    assert lost

@@ -9,8 +9,10 @@ from llmos.syscalls.errors import SyscallError
 def context_len(entry) -> int:
     if entry.engine is not None:
         return entry.engine.max_model_len
+    from llmos.drivers.model import rope_length_limit
     t = entry.config.get_text_config()
-    return int(getattr(t, "max_position_embeddings", None) or getattr(t, "n_positions", None) or 2048)
+    return min(int(getattr(t, "max_position_embeddings", None) or getattr(t, "n_positions", None) or 2048),
+               rope_length_limit(t))
 
 
 def vocab_size(entry) -> int:

@@ -126,7 +126,11 @@ class AttentionBackend:
         ctx.cache.write(layer_idx, ctx.slot_mapping, key, value)
 
     def attend(self, ctx: AttentionContext, layer_idx: int, query: torch.Tensor,
-               scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+               scaling: float | None, sliding_window: int | None, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """``softcap``: scores become ``softcap * tanh(score / softcap)`` before the softmax
+        (Gemma 2); ``sinks`` [H]: one extra logit per head in the softmax's denominator, whose
+        value is dropped (GPT-OSS attention sinks)."""
         raise NotImplementedError
 
 
@@ -135,8 +139,9 @@ class TorchBackend(AttentionBackend):
     ``scaled_dot_product_attention`` over its gathered blocks; all decodes in one call."""
     name = "torch"
 
-    def attend(self, ctx, layer_idx, query, scaling, sliding_window):
+    def attend(self, ctx, layer_idx, query, scaling, sliding_window, softcap=None, sinks=None):
         out = torch.empty_like(query)
+        extra = {"softcap": softcap, "sinks": sinks} if softcap or sinks is not None else {}
         k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
         for i in ctx.prefill_ids:
             q0, q1, kv_len = ctx.query_start[i], ctx.query_start[i + 1], ctx.context_len[i]
@@ -144,7 +149,7 @@ class TorchBackend(AttentionBackend):
             if ctx.start_pos[i] == 0 and (sliding_window is None or sliding_window >= kv_len):
                 # A fresh prompt: its K/V are exactly this step's new rows; plain causal attention.
                 out[q0:q1] = self._sdpa(q, ctx.new_key[q0:q1].unsqueeze(0), ctx.new_value[q0:q1].unsqueeze(0),
-                                        None, scaling)[0]
+                                        None, scaling, **extra)[0]
                 continue
             table = ctx.block_tables[i]
             key = k_cache.index_select(0, table).flatten(0, 1)[:kv_len]     # [L, Hkv, D]
@@ -153,7 +158,8 @@ class TorchBackend(AttentionBackend):
             if memo_key not in ctx.memo:
                 pos = torch.arange(ctx.start_pos[i], kv_len, device=query.device)
                 ctx.memo[memo_key] = allowed_positions(pos, kv_len, sliding_window)
-            out[q0:q1] = self._sdpa(q, key.unsqueeze(0), value.unsqueeze(0), ctx.memo[memo_key], scaling)[0]
+            out[q0:q1] = self._sdpa(q, key.unsqueeze(0), value.unsqueeze(0), ctx.memo[memo_key], scaling,
+                                    **extra)[0]
         if ctx.decode_rows is not None:
             table = ctx.decode_block_table                      # [Bd, max_blocks]
             shape = (table.shape[0], -1, *k_cache.shape[2:])      # [Bd, max_blocks*bs, Hkv, D]
@@ -168,19 +174,41 @@ class TorchBackend(AttentionBackend):
                     mask &= kv_pos > last[:, None] - sliding_window
                 ctx.memo[memo_key] = mask[:, None, :]               # [Bd, 1, S]
             q = query[ctx.decode_rows].unsqueeze(1)                 # [Bd, 1, H, D]
-            out[ctx.decode_rows] = self._sdpa(q, key, value, ctx.memo[memo_key], scaling)[:, 0]
+            out[ctx.decode_rows] = self._sdpa(q, key, value, ctx.memo[memo_key], scaling, **extra)[:, 0]
         return out
 
     @staticmethod
     def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scaling: float | None) -> torch.Tensor:
+              scaling: float | None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, n, H, D], k/v [B, L, Hkv, D], mask [n, L] or [B, n, L] (None: causal, n == L)
-        -> [B, n, H, D]."""
+        -> [B, n, H, D]. With a soft-cap or sinks, the scores are computed explicitly (in
+        float32, as transformers' eager attention does)."""
+        if softcap or sinks is not None:
+            return _explicit_attention(q, k, v, mask, scaling, softcap, sinks)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask.unsqueeze(-3), is_causal=mask is None,
             scale=scaling, enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
+
+
+def _explicit_attention(q, k, v, mask, scaling, softcap, sinks) -> torch.Tensor:
+    b, n, h, d = q.shape
+    group = h // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bnhd,blhd->bhnl", q.float(), k.float()) * (scaling if scaling is not None else d ** -0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(n, k.shape[1], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))     # mask [.., n, L] -> [.., 1, n, L]
+    if sinks is not None:
+        sink = sinks.float().view(1, h, 1, 1).expand(b, h, n, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhnl,blhd->bnhd", probs, v.float()).to(q.dtype)
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -193,14 +221,14 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if ctx is None:
         raise RuntimeError("paged attention called outside use_context(): the model driver "
                            "must run the forward pass")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("paged attention: logit soft-capping / attention sinks")
     if query.shape[0] != 1:
         raise ValueError(f"paged attention expects one packed row, got batch {query.shape[0]}")
     layer_idx = module.layer_idx
     ctx.new_key, ctx.new_value = key[0].transpose(0, 1), value[0].transpose(0, 1)   # [T, Hkv, D]
     ctx.backend.write(ctx, layer_idx, ctx.new_key, ctx.new_value)
-    out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    extra = {"softcap": softcap, "sinks": sinks} if softcap or sinks is not None else {}
+    out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window, **extra)
     return out.unsqueeze(0), None
 
 

@@ -81,6 +81,9 @@ class ModelDriver:
         self.max_model_len = min(int(getattr(text, "max_position_embeddings", None)
                                      or getattr(text, "n_positions", None) or 2048), rope_length_limit(text))
         self.eos_token_ids = self._find_eos_ids()
+        self._logit_scale = float(getattr(text, "logit_scale", None) or 1.0) / float(
+            getattr(text, "logits_scaling", None) or 1.0)
+        self._final_softcap = float(getattr(text, "final_logit_softcapping", None) or 0.0)
         self._index_attention_layers()
         self.kv: PagedKVCache | None = None
         self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
@@ -168,12 +171,22 @@ class ModelDriver:
         if not sampling:
             return StepResult(plan.step_id, num_tokens=plan.num_tokens)
         rows = torch.tensor([ctx.query_start[i + 1] - 1 for i, _ in sampling], device=dev)
-        logits = self._lm_head(hidden[rows]).float()
+        logits = self.logits(hidden[rows])
         chunks = [c for _, c in sampling]
         tokens = sample(logits, [c.sampling for c in chunks], [c.end_pos for c in chunks],
                         [c.history for c in chunks])
         return StepResult(plan.step_id, sampled={c.pid: t for c, t in zip(chunks, tokens)},
                           num_tokens=plan.num_tokens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head and what the model does to its output (Granite's ``logits_scaling``,
+        Cohere's ``logit_scale``, Gemma's final soft-cap), in float32."""
+        logits = self._lm_head(hidden).float()
+        if self._logit_scale != 1.0:
+            logits = logits * self._logit_scale
+        if self._final_softcap:
+            logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
+        return logits
 
     def forward(self, chunks, lora_batch=None) -> tuple[torch.Tensor, attention.AttentionContext]:
         """The decoder over ``chunks`` packed in one row, attention from the paged KV cache
@@ -237,13 +250,7 @@ def rope_length_limit(text_config) -> int:
 
 
 def _refuse_unsupported(config) -> None:
-    """Models whose logits are rescaled after the LM head would come out silently wrong here
-    (the driver applies the LM head itself), and soft-capped attention is not in the paged
-    backends yet: refuse them at load, clearly."""
-    text = config.get_text_config()
-    for attr in ("final_logit_softcapping", "logit_scale", "attn_logit_softcapping"):
-        value = getattr(text, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"{type(config).__name__} with {attr}={value} is not supported yet "
-                             f"(logits rescaled after the LM head, or soft-capped attention)")
+    """Nothing known is refused before the gate (``selfcheck``) any more: logits rescaled after
+    the LM head are applied by ``logits``; soft-capped attention and attention sinks are in the
+    torch backend (the Triton kernels refuse them: the gate then says so)."""
 

@@ -59,7 +59,7 @@ def _paged_logits(driver, ids: list[int]) -> torch.Tensor:
         spans += [(p, p + 1) for p in range(FIRST_CHUNK + SECOND_CHUNK, len(ids))]
         hidden = [driver.forward([SeqChunk(pid=0, token_ids=ids[a:b], start_pos=a, block_ids=table)])[0]
                   for a, b in spans]
-        return driver._lm_head(torch.cat(hidden)).float()
+        return driver.logits(torch.cat(hidden))
     finally:
         driver.kv = saved
 

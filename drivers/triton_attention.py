@@ -92,7 +92,10 @@ class TritonBackend(AttentionBackend):
 
     # -- attend ---------------------------------------------------------------------------
 
-    def attend(self, ctx, layer_idx, query, scaling, sliding_window):
+    def attend(self, ctx, layer_idx, query, scaling, sliding_window, softcap=None, sinks=None):
+        if softcap or sinks is not None:
+            raise NotImplementedError("the Triton kernels have no attention soft-cap or sinks yet; "
+                                      "--attention-backend torch has both")
         k_cache, v_cache = ctx.cache.layer(layer_idx)
         query = _unit_last(query)
         num_tokens, num_heads, head_dim = query.shape

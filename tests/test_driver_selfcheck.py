@@ -13,13 +13,19 @@ from llmos.drivers.default_model import build_tokenizer
 from llmos.drivers.model import ModelDriver
 
 
-def build(config_class, **sizes) -> str:
+def build(config_class, sinks_std: float = 0.0, **sizes) -> str:
+    """A tiny random checkpoint of ``config_class`` with the offline tokenizer; ``sinks_std``:
+    random attention sinks (GPT-OSS initialises them to zero)."""
     path = tempfile.mkdtemp(prefix="llmos-arch-")
     tok = build_tokenizer(path)
     cfg = config_class(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, initializer_range=0.2, **sizes)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    for module in model.modules():
+        if sinks_std and isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            torch.nn.init.normal_(module.sinks, std=sinks_std)
+    model.save_pretrained(path)
     return path
 
 

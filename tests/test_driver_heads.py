@@ -1,0 +1,47 @@
+"""Architectures whose logits or attention scores are transformed — Granite's logits scaling,
+Cohere's logit scale, Gemma 2's attention and final soft-caps, GPT-OSS's attention sinks — are
+exact through the paged path (torch backend): alone, batched, with chunked prefill."""
+import pytest
+import torch
+import transformers
+
+from fixtures_models import ToyScheduler, hf_greedy, load_driver, prompt_of
+from test_driver_selfcheck import build
+from llmos.drivers.model import ModelDriver
+from llmos.drivers.triton_attention import TritonBackend
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128)
+ARCHS = {
+    "granite": (transformers.GraniteConfig, dict(logits_scaling=4.0)),
+    "cohere": (transformers.CohereConfig, dict(logit_scale=0.5)),
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, sliding_window=16, final_logit_softcapping=30.0,
+                                               attn_logit_softcapping=5.0)),
+    "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                                sliding_window=16)),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name, (config_class, extra) in ARCHS.items():
+        torch.manual_seed(1)
+        out[name] = build(config_class, **SMALL, **extra, sinks_std=1.0) if name == "gpt_oss" else \
+            build(config_class, **SMALL, **extra)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_transformed_logits_and_scores_are_exact(models, arch):
+    path = models[arch]
+    sched = ToyScheduler(load_driver(path))
+    alone, chunked = sched.add(1, prompt_of(23), 20), sched.add(2, prompt_of(7, 2), 20, chunk=3)
+    sched.run()
+    assert alone.output == hf_greedy(path, prompt_of(23), 20)
+    assert chunked.output == hf_greedy(path, prompt_of(7, 2), 20)
+
+
+def test_the_triton_kernels_refuse_soft_caps_and_sinks_at_load_naming_the_torch_backend(models):
+    with pytest.raises(ValueError, match="attention-backend torch"):
+        ModelDriver(models["gemma2"], device="cpu", dtype="float32", block_size=4, backend=TritonBackend())

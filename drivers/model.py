@@ -67,7 +67,6 @@ class ModelDriver:
                              f"interface, so it cannot use the paged KV cache") from None
         self.model.eval()
         self.config = self.model.config
-        _refuse_unsupported(self.config)
         self.architecture = (self.config.architectures or [type(self.model).__name__])[0]
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.dtype = _dtype_name(torch_dtype)
@@ -248,9 +247,4 @@ def rope_length_limit(text_config) -> int:
             limit = min(limit, int(original))
     return limit
 
-
-def _refuse_unsupported(config) -> None:
-    """Nothing known is refused before the gate (``selfcheck``) any more: logits rescaled after
-    the LM head are applied by ``logits``; soft-capped attention and attention sinks are in the
-    torch backend (the Triton kernels refuse them: the gate then says so)."""
 

@@ -94,15 +94,18 @@ def test_unknown_architecture_is_rejected(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_models_with_rescaled_logits_are_refused_at_load(tmp_path):
-    """Gemma2 soft-caps its final logits; the driver would silently skip that, so it refuses."""
+def test_models_with_rescaled_logits_apply_it_as_the_model_does(tmp_path):
+    """Gemma2 soft-caps its final logits: the driver applies the cap (it used to refuse the
+    model; the load-time gate now checks the logits against the model's own)."""
+    import torch
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     from llmos.drivers.default_model import build_tokenizer
     from llmos.drivers.model import ModelDriver
     tok = build_tokenizer(tmp_path)
     cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        ModelDriver(str(tmp_path), device="cpu")
+    driver = ModelDriver(str(tmp_path), device="cpu")
+    logits = driver.logits(torch.randn(4, 32) * 100)
+    assert logits.abs().max() <= 3.0 and logits.abs().max() > 2.9

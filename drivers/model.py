@@ -71,7 +71,7 @@ class ModelDriver:
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.dtype = _dtype_name(torch_dtype)
         self._torch_dtype = torch_dtype
-        self._decoder = self.model.base_model          # hidden states, no LM head
+        self._decoder = _decoder_of(self.model)          # hidden states, no LM head
         self._lm_head = self.model.get_output_embeddings()
         text = self.config.get_text_config()
         self.num_layers = text.num_hidden_layers
@@ -248,3 +248,13 @@ def rope_length_limit(text_config) -> int:
     return limit
 
 
+def _decoder_of(model):
+    """The decoder stack under the LM head: ``base_model`` (found by ``base_model_prefix``), else
+    ``get_decoder()``, else the ``model`` attribute most causal LMs keep it in (Llama-4's text
+    model names its prefix ``language_model`` but keeps ``model``). The gate checks the result."""
+    candidates = [model.base_model, model.get_decoder() if hasattr(model, "get_decoder") else None,
+                  getattr(model, "model", None)]
+    for decoder in candidates:
+        if isinstance(decoder, torch.nn.Module) and decoder is not model:
+            return decoder
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder under the LM head")

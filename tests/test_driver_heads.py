@@ -1,6 +1,7 @@
 """Architectures whose logits or attention scores are transformed — Granite's logits scaling,
-Cohere's logit scale, Gemma 2's attention and final soft-caps, GPT-OSS's attention sinks — are
-exact through the paged path (torch backend): alone, batched, with chunked prefill."""
+Cohere's logit scale, Gemma 2's attention and final soft-caps, GPT-OSS's attention sinks — and
+Llama-4, whose decoder is not under ``base_model_prefix``, are exact through the paged path
+(torch backend): alone, batched, with chunked prefill."""
 import pytest
 import torch
 import transformers
@@ -19,6 +20,9 @@ ARCHS = {
                                                attn_logit_softcapping=5.0)),
     "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                                 sliding_window=16)),
+    # its decoder is not where base_model_prefix says (it failed with an output-type error)
+    "llama4": (transformers.Llama4TextConfig, dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
+                                                   num_experts_per_tok=1)),
 }
 
 

@@ -141,7 +141,6 @@ class TorchBackend(AttentionBackend):
 
     def attend(self, ctx, layer_idx, query, scaling, sliding_window, softcap=None, sinks=None):
         out = torch.empty_like(query)
-        extra = {"softcap": softcap, "sinks": sinks} if softcap or sinks is not None else {}
         k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
         for i in ctx.prefill_ids:
             q0, q1, kv_len = ctx.query_start[i], ctx.query_start[i + 1], ctx.context_len[i]
@@ -149,7 +148,7 @@ class TorchBackend(AttentionBackend):
             if ctx.start_pos[i] == 0 and (sliding_window is None or sliding_window >= kv_len):
                 # A fresh prompt: its K/V are exactly this step's new rows; plain causal attention.
                 out[q0:q1] = self._sdpa(q, ctx.new_key[q0:q1].unsqueeze(0), ctx.new_value[q0:q1].unsqueeze(0),
-                                        None, scaling, **extra)[0]
+                                        None, scaling, softcap, sinks)[0]
                 continue
             table = ctx.block_tables[i]
             key = k_cache.index_select(0, table).flatten(0, 1)[:kv_len]     # [L, Hkv, D]
@@ -159,7 +158,7 @@ class TorchBackend(AttentionBackend):
                 pos = torch.arange(ctx.start_pos[i], kv_len, device=query.device)
                 ctx.memo[memo_key] = allowed_positions(pos, kv_len, sliding_window)
             out[q0:q1] = self._sdpa(q, key.unsqueeze(0), value.unsqueeze(0), ctx.memo[memo_key], scaling,
-                                    **extra)[0]
+                                    softcap, sinks)[0]
         if ctx.decode_rows is not None:
             table = ctx.decode_block_table                      # [Bd, max_blocks]
             shape = (table.shape[0], -1, *k_cache.shape[2:])      # [Bd, max_blocks*bs, Hkv, D]
@@ -174,7 +173,7 @@ class TorchBackend(AttentionBackend):
                     mask &= kv_pos > last[:, None] - sliding_window
                 ctx.memo[memo_key] = mask[:, None, :]               # [Bd, 1, S]
             q = query[ctx.decode_rows].unsqueeze(1)                 # [Bd, 1, H, D]
-            out[ctx.decode_rows] = self._sdpa(q, key, value, ctx.memo[memo_key], scaling, **extra)[:, 0]
+            out[ctx.decode_rows] = self._sdpa(q, key, value, ctx.memo[memo_key], scaling, softcap, sinks)[:, 0]
         return out
 
     @staticmethod
@@ -226,9 +225,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     layer_idx = module.layer_idx
     ctx.new_key, ctx.new_value = key[0].transpose(0, 1), value[0].transpose(0, 1)   # [T, Hkv, D]
     ctx.backend.write(ctx, layer_idx, ctx.new_key, ctx.new_value)
-    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-    extra = {"softcap": softcap, "sinks": sinks} if softcap or sinks is not None else {}
-    out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window, **extra)
+    out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window,
+                             softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
     return out.unsqueeze(0), None
 
 

@@ -340,7 +340,7 @@ def _eviction_order(e: ModelEntry) -> tuple:
 
 def _in_use(entry: ModelEntry) -> bool:
     """Any process (even an unreaped ZOMBIE) still belongs to this model's scheduler."""
-    return entry.engine is not None and bool(entry.engine.sched.procs)
+    return entry.engine is not None and bool(entry.engine.sched.pids)
 
 
 def _module_bytes(model) -> int:

@@ -80,9 +80,9 @@ def check_pin(user: User, pin: bool) -> None:
 
 
 def check_unload(user: User, entry: ModelEntry, procs) -> None:
-    """``procs``: every process. The owner may unload an unused model of theirs; another user's,
-    or one with another user's processes, needs ``host``."""
-    others = any(p.uid != user.uid for p in procs if p.model == entry.name)
+    """``procs``: the model's processes. The owner may unload an unused model of theirs;
+    another user's, or one with another user's processes, needs ``host``."""
+    others = any(p.uid != user.uid for p in procs)
     if (entry.owner_uid != user.uid or others) and not has_host(user):
         raise _need_host(user, f"unloading model {entry.name!r}, which "
                                f"{'other users use' if others else 'another user loaded'},")

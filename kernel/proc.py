@@ -31,7 +31,6 @@ class ProcState(Enum):
 
 
 RUNNABLE = frozenset({ProcState.READY, ProcState.RUNNING, ProcState.SWAPPED})
-LIVE = frozenset(ProcState) - {ProcState.ZOMBIE}
 
 
 class Wait(Enum):

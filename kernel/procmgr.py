@@ -66,9 +66,6 @@ class ProcManager:
         engine = proc.entry.engine if proc.entry is not None else None
         return engine.sched if engine is not None and proc.pid in engine.sched.pids else None
 
-    def all_procs(self) -> list[Process]:
-        return self.table.all()
-
     # -- starting -----------------------------------------------------------------------------
     def start(self, proc: Process, entry: ModelEntry, stop: tuple[str, ...] = (),
               kg_facts: list[str] = ()) -> None:
@@ -265,11 +262,7 @@ class ProcManager:
     def fail(self, proc: Process, message: str) -> None:
         """End a process because of an error that is not its fault; it keeps its output so far."""
         if proc.is_alive:
-            sched = self.sched_of(proc)
-            if sched is not None:
-                sched.kill(proc.pid)
-            else:
-                proc.exit("error")
+            self.terminate(proc, "error", announce=False)
         self._event(proc, {"event": "error", "message": message})
         self.turn_done(proc, "error")
 

@@ -37,7 +37,7 @@ def sys_model_unload(k, call):
     entry = objects.resolve_model(ps, call.user, name)
     if entry is ps.default:
         raise SyscallError("EBUSY", f"{entry.name!r} is the kernel's default model")
-    objects.check_unload(call.user, entry, ps.all_procs())
+    objects.check_unload(call.user, entry, k.table.of_model(entry))
     _models(k).unload(entry.name)
     return True
 

@@ -6,6 +6,7 @@ model (vocabulary, context window) and on the caller (quotas, priority).
 """
 from __future__ import annotations
 
+import secrets
 import time
 
 from llmos.drivers.batch import SamplingParams
@@ -67,14 +68,9 @@ def _sampling(args: dict, base: SamplingParams | None = None, seed: int | None =
     try:
         return SamplingParams(temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
                               repetition_penalty=pick("repetition_penalty"),
-                              seed=seed if seed is not None else random_seed())
+                              seed=seed if seed is not None else secrets.randbits(63))
     except ValueError as exc:
         raise SyscallError("EINVAL", str(exc))
-
-
-def random_seed() -> int:
-    import secrets
-    return secrets.randbits(63)
 
 
 def sys_spawn(k, call):

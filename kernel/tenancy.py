@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-ROOT_UID = 0
+from llmos.kernel.security import ROOT_UID
 
 
 @dataclass

@@ -77,7 +77,7 @@ def prune_cache(k, root: Path, keep: int = KEEP_EXPORTS) -> None:
     dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
     if len(dirs) <= keep:
         return
-    in_use = {p.adapter for p in k.procs.all_procs() if p.adapter}
+    in_use = {p.adapter for p in k.table.all() if p.adapter}
     drivers = [e.engine.driver if e.engine else e.host_driver for e in k.procs.models.entries.values()]
     in_use |= {a["name"] for d in drivers if d is not None for a in d.adapters()}
     for d in dirs[keep:]:

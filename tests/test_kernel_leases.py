@@ -29,7 +29,7 @@ def manager(budget=1000):
 
 
 def on_device(mm, name, weights=300, kv=100, busy=False, pinned=False):
-    sched = SimpleNamespace(procs={1: object()} if busy else {})
+    sched = SimpleNamespace(pids={1: None} if busy else {})
     e = ModelEntry(name, name, where=Where.DEVICE, weight_bytes=weights, pinned=pinned)
     e.engine = SimpleNamespace(kv_bytes=kv, driver=Driver(), sched=sched)
     mm.entries[name] = e

@@ -14,8 +14,8 @@ def test_the_cache_keeps_recent_exports_and_whatever_is_in_use(tmp_path):
         os.utime(d, (time.time() - 100 + i, time.time() - 100 + i))     # h5 newest
         dirs.append(d)
     driver = SimpleNamespace(adapters=lambda: [{"name": str(dirs[1])}])
-    k = SimpleNamespace(procs=SimpleNamespace(
-        all_procs=lambda: [SimpleNamespace(adapter=str(dirs[0])), SimpleNamespace(adapter=None)],
-        models=SimpleNamespace(entries={"m": SimpleNamespace(engine=None, host_driver=driver)})))
+    k = SimpleNamespace(
+        table=SimpleNamespace(all=lambda: [SimpleNamespace(adapter=str(dirs[0])), SimpleNamespace(adapter=None)]),
+        procs=SimpleNamespace(models=SimpleNamespace(entries={"m": SimpleNamespace(engine=None, host_driver=driver)})))
     prune_cache(k, tmp_path, keep=2)
     assert sorted(d.name for d in tmp_path.iterdir()) == ["h0", "h1", "h4", "h5"]

@@ -26,6 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from llmos.drivers.batch import SeqChunk
 from llmos.drivers.kv_cache import PagedKVCache
+from llmos.drivers.probe import ATTRIBUTE as KV_LAYER, Probe
 
 ATTN_IMPLEMENTATION = "llmos_paged"
 
@@ -90,13 +91,14 @@ class AttentionContext:
                    decode_block_table=decode_table, decode_context_len=decode_len)
 
 
-_current: contextvars.ContextVar[AttentionContext | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[AttentionContext | Probe | None] = contextvars.ContextVar(
     "llmos_attention_context", default=None)
 
 
 @contextlib.contextmanager
-def use_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
-    """Make ``ctx`` the layout seen by every paged attention call inside the block."""
+def use_context(ctx: AttentionContext | Probe) -> Iterator[AttentionContext | Probe]:
+    """Make ``ctx`` the layout seen by every paged attention call inside the block (a
+    ``Probe`` records the calls instead)."""
     token = _current.set(ctx)
     try:
         yield ctx
@@ -117,7 +119,7 @@ def allowed_positions(query_pos: torch.Tensor, kv_len: int,
 
 class AttentionBackend:
     """The seam for attention kernels. ``write`` stores a layer's new K/V at the context's
-    slots; ``attend`` returns the attention output [T, H, D] for the flat query [T, H, D],
+    slots; ``attend`` returns the attention output [T, H, Dv] for the flat query [T, H, Dk],
     each sequence attending causally to its own cached KV (which includes this pass's)."""
     name = "base"
 
@@ -140,8 +142,8 @@ class TorchBackend(AttentionBackend):
     name = "torch"
 
     def attend(self, ctx, layer_idx, query, scaling, sliding_window, softcap=None, sinks=None):
-        out = torch.empty_like(query)
-        k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
+        k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, Dk], [N, bs, Hkv, Dv]
+        out = query.new_empty(*query.shape[:2], v_cache.shape[-1])
         for i in ctx.prefill_ids:
             q0, q1, kv_len = ctx.query_start[i], ctx.query_start[i + 1], ctx.context_len[i]
             q = query[q0:q1].unsqueeze(0)
@@ -161,9 +163,9 @@ class TorchBackend(AttentionBackend):
                                     softcap, sinks)[0]
         if ctx.decode_rows is not None:
             table = ctx.decode_block_table                      # [Bd, max_blocks]
-            shape = (table.shape[0], -1, *k_cache.shape[2:])      # [Bd, max_blocks*bs, Hkv, D]
-            key = k_cache.index_select(0, table.flatten()).view(shape)
-            value = v_cache.index_select(0, table.flatten()).view(shape)
+            rows = (table.shape[0], -1, k_cache.shape[2])           # [Bd, max_blocks*bs, Hkv, D]
+            key = k_cache.index_select(0, table.flatten()).view(*rows, k_cache.shape[3])
+            value = v_cache.index_select(0, table.flatten()).view(*rows, v_cache.shape[3])
             memo_key = ("decode", sliding_window)
             if memo_key not in ctx.memo:
                 last = ctx.decode_context_len - 1                   # query position per row
@@ -180,8 +182,8 @@ class TorchBackend(AttentionBackend):
     def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scaling: float | None, softcap: float | None = None,
               sinks: torch.Tensor | None = None) -> torch.Tensor:
-        """q [B, n, H, D], k/v [B, L, Hkv, D], mask [n, L] or [B, n, L] (None: causal, n == L)
-        -> [B, n, H, D]. With a soft-cap or sinks, the scores are computed explicitly (in
+        """q [B, n, H, Dk], k [B, L, Hkv, Dk], v [B, L, Hkv, Dv], mask [n, L] or [B, n, L]
+        (None: causal, n == L) -> [B, n, H, Dv]. With a soft-cap or sinks, the scores are computed explicitly (in
         float32, as transformers' eager attention does)."""
         if softcap or sinks is not None:
             return _explicit_attention(q, k, v, mask, scaling, softcap, sinks)
@@ -222,7 +224,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                            "must run the forward pass")
     if query.shape[0] != 1:
         raise ValueError(f"paged attention expects one packed row, got batch {query.shape[0]}")
-    layer_idx = module.layer_idx
+    if isinstance(ctx, Probe):
+        return ctx.record(module, key, value, query), None
+    layer_idx = getattr(module, KV_LAYER)
     ctx.new_key, ctx.new_value = key[0].transpose(0, 1), value[0].transpose(0, 1)   # [T, Hkv, D]
     ctx.backend.write(ctx, layer_idx, ctx.new_key, ctx.new_value)
     out = ctx.backend.attend(ctx, layer_idx, query[0].transpose(0, 1), scaling, sliding_window,

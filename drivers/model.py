@@ -15,9 +15,9 @@ import os
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmos.drivers import attention, lora, lora_layers, selfcheck
+from llmos.drivers import attention, lora, lora_layers, probe, selfcheck
 from llmos.drivers import text as text_codec
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.drivers.device import Device, detect
@@ -63,7 +63,7 @@ class ModelDriver:
         except KeyError as exc:             # its attention code looks up known implementations only
             if attention.ATTN_IMPLEMENTATION not in str(exc):
                 raise
-            raise ValueError(f"{self.name}: its attention does not go through transformers' attention "
+            raise ValueError(f"{_architecture_of(model_path)}: its attention does not go through transformers' attention "
                              f"interface, so it cannot use the paged KV cache") from None
         self.model.eval()
         self.config = self.model.config
@@ -75,17 +75,15 @@ class ModelDriver:
         self._lm_head = self.model.get_output_embeddings()
         text = self.config.get_text_config()
         self.num_layers = text.num_hidden_layers
-        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.max_model_len = min(int(getattr(text, "max_position_embeddings", None)
                                      or getattr(text, "n_positions", None) or 2048), rope_length_limit(text))
         self.eos_token_ids = self._find_eos_ids()
         self._logit_scale = float(getattr(text, "logit_scale", None) or 1.0) / float(
             getattr(text, "logits_scaling", None) or 1.0)
         self._final_softcap = float(getattr(text, "final_logit_softcapping", None) or 0.0)
-        self._index_attention_layers()
         self.kv: PagedKVCache | None = None
         self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
+        self.layout = self._probe()      # what the KV cache holds, from the model's own attention calls
         selfcheck.check(self)            # refused here unless the paged path is the model's own
 
     def _find_eos_ids(self) -> set[int]:
@@ -96,32 +94,32 @@ class ModelDriver:
                 ids.update([source] if isinstance(source, int) else source)
         return ids
 
-    def _index_attention_layers(self) -> None:
-        """Paged attention finds a layer's cache by ``module.layer_idx``. Architectures that do
-        not set it get indices in module order, one per decoder layer."""
-        indexed = [m for m in self.model.modules() if getattr(m, "layer_idx", None) is not None
-                   and type(m).__name__.endswith("Attention")]
-        if len(indexed) == self.num_layers:
-            return
-        attn = [m for m in self.model.modules() if type(m).__name__.endswith("Attention")]
-        if len(attn) != self.num_layers:
-            raise ValueError(f"{self.architecture}: found {len(attn)} attention modules for "
-                             f"{self.num_layers} layers; cannot assign layer indices")
-        for i, module in enumerate(attn):
-            module.layer_idx = i
+    @torch.inference_mode()
+    def _probe(self) -> probe.KVLayout:
+        probing = probe.Probe()
+        try:
+            with attention.use_context(probing):
+                self._decoder(input_ids=torch.tensor([[1]], device=self.device.torch_device),
+                              position_ids=torch.tensor([[0]], device=self.device.torch_device), use_cache=False)
+        except Exception as exc:
+            raise ValueError(f"{self.architecture}: its forward pass fails on one token at load "
+                             f"({type(exc).__name__}: {exc})"[:400]) from exc
+        return probe.kv_layout(self.architecture, probing)
 
     # -- memory ---------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
         """Device bytes one KV block takes across all layers, K and V."""
-        return PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads,
-                                            self.head_dim, self._torch_dtype)
+        lay = self.layout
+        return PagedKVCache.bytes_per_block(lay.num_layers, self.block_size, lay.num_kv_heads, lay.k_head_dim,
+                                            self._torch_dtype, lay.v_head_dim)
 
     def allocate_kv(self, num_blocks: int, num_host_blocks: int) -> None:
         """(Re)allocate the device block pool and the host swap pool; old contents are lost."""
         self.kv = None                                  # free the old pool before the new one
-        self.kv = PagedKVCache(self.num_layers, num_blocks, num_host_blocks, self.block_size,
-                               self.num_kv_heads, self.head_dim, self._torch_dtype, self.device)
+        lay = self.layout
+        self.kv = PagedKVCache(lay.num_layers, num_blocks, num_host_blocks, self.block_size, lay.num_kv_heads,
+                               lay.k_head_dim, self._torch_dtype, self.device, lay.v_head_dim)
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -246,6 +244,11 @@ def rope_length_limit(text_config) -> int:
                         or getattr(text_config, "max_position_embeddings", None))
             limit = min(limit, int(original))
     return limit
+
+
+def _architecture_of(model_path: str) -> str:
+    config = AutoConfig.from_pretrained(model_path)
+    return (config.architectures or [type(config).__name__])[0]
 
 
 def _decoder_of(model):

@@ -1,6 +1,7 @@
 """Architectures whose logits or attention scores are transformed — Granite's logits scaling,
-Cohere's logit scale, Gemma 2's attention and final soft-caps, GPT-OSS's attention sinks — and
-Llama-4, whose decoder is not under ``base_model_prefix``, are exact through the paged path
+Cohere's logit scale, Gemma 2's attention and final soft-caps, GPT-OSS's attention sinks —,
+DeepSeek's MLA (keys and values of different widths) and Llama-4, whose decoder is not under
+``base_model_prefix``, are exact through the paged path
 (torch backend): alone, batched, with chunked prefill."""
 import pytest
 import torch
@@ -13,6 +14,9 @@ from llmos.drivers.triton_attention import TritonBackend
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128)
+MLA = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+           first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=16)
 ARCHS = {
     "granite": (transformers.GraniteConfig, dict(logits_scaling=4.0)),
     "cohere": (transformers.CohereConfig, dict(logit_scale=0.5)),
@@ -20,6 +24,9 @@ ARCHS = {
                                                attn_logit_softcapping=5.0)),
     "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                                 sliding_window=16)),
+    # MLA: keys (nope + rope, 24 wide) and values (16 wide) of different widths
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(num_key_value_heads=4, **MLA)),
+    "deepseek_v2": (transformers.DeepseekV2Config, dict(num_key_value_heads=4, **dict(MLA, q_lora_rank=None))),
     # its decoder is not where base_model_prefix says (it failed with an output-type error)
     "llama4": (transformers.Llama4TextConfig, dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
                                                    num_experts_per_tok=1)),
@@ -31,8 +38,7 @@ def models():
     out = {}
     for name, (config_class, extra) in ARCHS.items():
         torch.manual_seed(1)
-        out[name] = build(config_class, **SMALL, **extra, sinks_std=1.0) if name == "gpt_oss" else \
-            build(config_class, **SMALL, **extra)
+        out[name] = build(config_class, **dict(SMALL, **extra), sinks_std=1.0 if name == "gpt_oss" else 0.0)
     return out
 
 

@@ -14,11 +14,22 @@ from llmos.drivers.batch import SeqChunk, StepPlan
 NEW = 16
 
 
-def test_swap_out_then_in_to_other_blocks_continues_identically(tiny_models):
+@pytest.fixture(scope="module")
+def paths(tiny_models):
+    """The tiny models, and an MLA model whose cache holds keys and values of different widths."""
+    from test_driver_heads import MLA, SMALL
+    from test_driver_selfcheck import build
+    import transformers
+    return dict(tiny_models, deepseek_v3=build(transformers.DeepseekV3Config, **dict(SMALL, num_key_value_heads=4),
+                                                **MLA))
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_swap_out_then_in_to_other_blocks_continues_identically(paths, arch):
     """KV written for a sequence, swapped to host, its device blocks overwritten by another
     sequence, then swapped back into *different* device blocks in the same step that resumes
     decoding: the output equals an uninterrupted run."""
-    path = tiny_models["llama"]
+    path = paths[arch]
     prompt = prompt_of(14, 3)
     sched = ToyScheduler(load_driver(path))
     seq = sched.add(1, prompt, NEW)
@@ -40,11 +51,12 @@ def test_swap_out_then_in_to_other_blocks_continues_identically(tiny_models):
     assert paused.output == hf_greedy(path, prompt, NEW)
 
 
-def test_fork_copies_partial_block_and_children_match_parent(tiny_models):
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
+def test_fork_copies_partial_block_and_children_match_parent(paths, arch):
     """After prefill, two children share the parent's full blocks and each gets a private
     copy of the partial last block (copied in the same plan as their first decode). Parent
     and both children continue to the same greedy text as transformers."""
-    path = tiny_models["qwen2"]
+    path = paths[arch]
     prompt = prompt_of(22, 4)                         # 5 full blocks of 4 + 2 tokens
     sched = ToyScheduler(load_driver(path))
     parent = sched.add(1, prompt, NEW)

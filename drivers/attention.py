@@ -52,6 +52,7 @@ class AttentionContext:
     decode_rows: torch.Tensor | None           # [Bd] row in the flat batch of each decode
     decode_block_table: torch.Tensor | None    # [Bd, max_blocks] long, padded with block 0
     decode_context_len: torch.Tensor | None    # [Bd] long
+    rope_spans: list[tuple[int, int, int, int]] = field(default_factory=list)   # start, end, prompt_len, seq_len
     memo: dict = field(default_factory=dict)   # per-pass masks, shared by all layers
     # The layer being computed: its new K/V rows [T, Hkv, D] (a fresh prompt attends to them directly).
     new_key: torch.Tensor | None = None
@@ -88,7 +89,8 @@ class AttentionContext:
                    query_start=query_start, start_pos=[c.start_pos for c in chunks],
                    context_len=[c.end_pos for c in chunks], block_tables=tables,
                    prefill_ids=prefill_ids, decode_rows=decode_rows,
-                   decode_block_table=decode_table, decode_context_len=decode_len)
+                   decode_block_table=decode_table, decode_context_len=decode_len,
+                   rope_spans=[(c.start_pos, c.end_pos, c.prompt_len, max(c.seq_len, c.end_pos)) for c in chunks])
 
 
 _current: contextvars.ContextVar[AttentionContext | Probe | None] = contextvars.ContextVar(
@@ -104,6 +106,12 @@ def use_context(ctx: AttentionContext | Probe) -> Iterator[AttentionContext | Pr
         yield ctx
     finally:
         _current.reset(token)
+
+
+def rope_spans() -> list[tuple[int, int, int, int]] | None:
+    """The current pass's (start, end, prompt_len, seq_len) per sequence; None outside a paged pass."""
+    ctx = _current.get()
+    return ctx.rope_spans if isinstance(ctx, AttentionContext) else None
 
 
 def allowed_positions(query_pos: torch.Tensor, kv_len: int,

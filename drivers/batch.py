@@ -62,6 +62,10 @@ class SeqChunk:
     # LoRA adapter (a name the driver has loaded with load_adapter), None for the base model.
     # Chunks with different adapters (and none) share one forward pass.
     adapter: str | None = None
+    # Length facts some rope types choose frequencies by (``llmos.drivers.rope``): the length
+    # of the process's first prompt, and how many tokens it holds (0: ``end_pos``).
+    prompt_len: int = 0
+    seq_len: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmos.drivers import attention, lora, lora_layers, probe, selfcheck
+from llmos.drivers import attention, lora, lora_layers, probe, rope, selfcheck
 from llmos.drivers import text as text_codec
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.drivers.device import Device, detect
@@ -75,8 +75,8 @@ class ModelDriver:
         self._lm_head = self.model.get_output_embeddings()
         text = self.config.get_text_config()
         self.num_layers = text.num_hidden_layers
-        self.max_model_len = min(int(getattr(text, "max_position_embeddings", None)
-                                     or getattr(text, "n_positions", None) or 2048), rope_length_limit(text))
+        self.rope = rope.SequenceRope(self.model, attention.rope_spans)
+        self.max_model_len = rope.context_len(text)
         self.eos_token_ids = self._find_eos_ids()
         self._logit_scale = float(getattr(text, "logit_scale", None) or 1.0) / float(
             getattr(text, "logits_scaling", None) or 1.0)
@@ -221,29 +221,6 @@ class ModelDriver:
     def __repr__(self) -> str:
         return (f"ModelDriver({self.name!r}, {self.architecture}, {self.dtype}, "
                 f"device={self.device.torch_device})")
-
-
-LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
-
-
-def rope_length_limit(text_config) -> int:
-    """The longest sequence whose rotary frequencies do not depend on its length. transformers
-    switches longrope (Phi-3 128k) to its long factors, and dynamic NTK to rescaled
-    frequencies, past ``original_max_position_embeddings``, choosing from the largest position
-    in a forward pass: in a packed batch one sequence would change another's. Up to that
-    length they are plain rope, so the context window stops there (exact), until per-sequence
-    frequencies are supported."""
-    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-    layers = [params] if "rope_type" in params or "type" in params else [
-        p for p in params.values() if isinstance(p, dict)]
-    limit = 1 << 31
-    for p in layers:
-        if (p.get("rope_type") or p.get("type")) in LENGTH_DEPENDENT_ROPE:
-            original = (p.get("original_max_position_embeddings")
-                        or getattr(text_config, "original_max_position_embeddings", None)
-                        or getattr(text_config, "max_position_embeddings", None))
-            limit = min(limit, int(original))
-    return limit
 
 
 def _architecture_of(model_path: str) -> str:

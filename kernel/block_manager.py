@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from llmos.kernel.proc import Process
 
@@ -41,18 +41,20 @@ def chain_hash(prev: int, token_ids: Iterable[int]) -> int:
     return hash((prev, tuple(token_ids)))
 
 
-def seed_hash(model: str, adapter: str | None = None) -> int:
-    """The chain's start: KV of another model, or of the same model under another LoRA adapter,
-    never matches."""
-    return hash(("llmos-kv", model, adapter))
+def seed_hash(model: str, adapter: str | None = None, variant: int = 0) -> int:
+    """The chain's start: KV of another model, of the same model under another LoRA adapter, or
+    of another KV variant (``kv_variant``: rope frequencies chosen by length), never matches."""
+    return hash(("llmos-kv", model, adapter, variant))
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int = 16,
-                 usage: Counter | None = None):
+                 usage: Counter | None = None, kv_variant: Callable[[int, int], int] | None = None):
         if num_blocks < 1 or num_host_blocks < 0 or block_size < 1:
             raise ValueError("need num_blocks >= 1, num_host_blocks >= 0, block_size >= 1")
         self.block_size = block_size
+        # (prompt length, tokens held) -> which KV the model computes for them (the driver's rope)
+        self.kv_variant = kv_variant or (lambda prompt_len, seq_len: 0)
         self.blocks: list[Block] = [Block(i) for i in range(num_blocks)]
         # Ordered oldest-freed first: allocation takes the front, frees go to the back.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -188,12 +190,15 @@ class BlockManager:
         proc.num_computed_tokens = 0
 
     # ----- prefix cache -----
+    def _seed(self, proc: Process) -> int:
+        return seed_hash(proc.model, proc.adapter, self.kv_variant(proc.num_prompt_tokens, proc.num_tokens))
+
     def match_prefix(self, proc: Process) -> int:
         """Give a process with no KV the cached blocks of its longest cached prefix of full
         blocks; returns the tokens skipped (now ``num_computed_tokens``). The block holding
         the last token is never taken from the cache: its logits must be computed."""
         assert not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0
-        bs, h, matched = self.block_size, seed_hash(proc.model, proc.adapter), []
+        bs, h, matched = self.block_size, self._seed(proc), []
         for i in range((proc.num_tokens - 1) // bs):
             tokens = tuple(proc.token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(h, tokens)
@@ -212,7 +217,7 @@ class BlockManager:
         bs, end = self.block_size, num_cached + self.block_size
         if end > proc.num_prompt_tokens:
             return None
-        h = seed_hash(proc.model, proc.adapter)
+        h = self._seed(proc)
         for i in range(0, end, bs):
             h = chain_hash(h, proc.token_ids[i:i + bs])
         return h
@@ -224,7 +229,7 @@ class BlockManager:
         first = num_full
         while first > 0 and self.blocks[proc.block_ids[first - 1]].hash == NO_HASH:
             first -= 1
-        h = self.blocks[proc.block_ids[first - 1]].hash if first else seed_hash(proc.model, proc.adapter)
+        h = self.blocks[proc.block_ids[first - 1]].hash if first else self._seed(proc)
         for i in range(first, num_full):
             block = self.blocks[proc.block_ids[i]]
             block.token_ids = tuple(proc.token_ids[i * bs:(i + 1) * bs])

@@ -47,7 +47,7 @@ def _make_engine(cfg, device, table, shares, entry: ModelEntry, driver, free_byt
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=max_len, preempt_mode=cfg.preempt_mode,
         eos_token_ids=frozenset(driver.eos_token_ids), max_adapters_per_step=cfg.adapter_slots),
-        table=table, shares=shares)
+        table=table, shares=shares, kv_variant=driver.rope.variant)
     log.info("model %s on %s: %d KV blocks (%d bytes each), %d host blocks, attention backend %s",
              entry.name, device.name, num_blocks, per_block, num_host, driver.backend.name)
     return Engine(entry.name, driver, sched, max_len, num_blocks * per_block)

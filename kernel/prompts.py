@@ -2,17 +2,14 @@
 or ids, and the context window they must fit."""
 from __future__ import annotations
 
-from llmos.drivers import text
+from llmos.drivers import rope, text
 from llmos.syscalls.errors import SyscallError
 
 
 def context_len(entry) -> int:
     if entry.engine is not None:
         return entry.engine.max_model_len
-    from llmos.drivers.model import rope_length_limit
-    t = entry.config.get_text_config()
-    return min(int(getattr(t, "max_position_embeddings", None) or getattr(t, "n_positions", None) or 2048),
-               rope_length_limit(t))
+    return rope.context_len(entry.config.get_text_config())
 
 
 def vocab_size(entry) -> int:

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 from llmos.drivers.batch import SeqChunk, StepPlan, StepResult
 from llmos.kernel import preempt
@@ -103,12 +104,12 @@ class _Step:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, table: dict[int, Process] | None = None,
-                 shares: Shares | None = None):
+                 shares: Shares | None = None, kv_variant: Callable[[int, int], int] | None = None):
         self.config = config
         self.table: dict[int, Process] = table if table is not None else {}   # the kernel's records
         self.shares = shares if shares is not None else Shares()
         self.block_manager = BlockManager(config.num_blocks, config.num_host_blocks, config.block_size,
-                                          usage=self.shares.usage)
+                                          usage=self.shares.usage, kv_variant=kv_variant)
         self.pids: dict[int, None] = {}              # the run queue: pids scheduled here, in order
         self.busy_uids: set[int] = set()             # users with runnable processes at the last step
         self.running_pids: set[int] = set()          # the last step's batch
@@ -286,7 +287,8 @@ class Scheduler:
         history = list(proc.token_ids[:end]) if proc.sampling.repetition_penalty != 1.0 else None
         step.chunks.append(SeqChunk(pid=proc.pid, token_ids=proc.token_ids[start:end], start_pos=start,
                                     block_ids=list(proc.block_ids), sample=end == proc.num_tokens,
-                                    sampling=proc.sampling, history=history, adapter=proc.adapter))
+                                    sampling=proc.sampling, history=history, adapter=proc.adapter,
+                                    prompt_len=proc.num_prompt_tokens, seq_len=proc.num_tokens))
         step.budget -= num_new
         return True
 
@@ -355,7 +357,7 @@ class Scheduler:
             self.block_manager.cache_full_blocks(proc)
             if chunk.sample:
                 token_id = result.sampled[chunk.pid]
-                proc.token_ids.append(token_id)
+                self._grow(proc, [token_id])
                 proc.tokens_out += 1
                 if proc.first_token_at is None:
                     proc.first_token_at = time.time()
@@ -365,6 +367,21 @@ class Scheduler:
                     self._end_turn(proc, reason)
                     events.append(Event(EventKind.FINISHED, proc.pid, reason=reason))
         return events
+
+    def _grow(self, proc: Process, token_ids: list[int], turn: bool = False) -> None:
+        """Append a sampled token or a new turn's input. If the model computes other KV for the
+        longer sequence (``kv_variant``: Phi-3's long rope factors past its original length),
+        the KV it holds is dropped and recomputed, as transformers' ``generate`` does."""
+        variant = self.block_manager.kv_variant
+        before = variant(proc.num_prompt_tokens, proc.num_tokens)
+        if turn:
+            proc.append_turn(token_ids)
+        else:
+            proc.token_ids.extend(token_ids)
+        if variant(proc.num_prompt_tokens, proc.num_tokens) != before and (proc.block_ids or proc.host_block_ids):
+            self.block_manager.free(proc)
+            proc.num_computed_tokens = 0
+            proc.num_recomputes += 1
 
     def _finish_reason(self, proc: Process, token_id: int) -> str | None:
         cfg = self.config
@@ -443,7 +460,7 @@ class Scheduler:
             raise ValueError("no input tokens")
         if proc.num_tokens + len(token_ids) >= self.config.max_model_len:
             raise ValueError(f"input would exceed max_model_len {self.config.max_model_len}")
-        proc.append_turn(token_ids)
+        self._grow(proc, token_ids, turn=True)
         proc.wait = None
         proc.state = ProcState.SWAPPED if proc.host_block_ids else ProcState.READY
 

@@ -111,7 +111,7 @@ class ToyScheduler:
             end = len(seq.tokens)
         return SeqChunk(seq.pid, seq.tokens[start:end], start, seq.block_ids,
                         sample=end == len(seq.tokens), sampling=seq.sampling,
-                        history=list(seq.tokens[:end]))
+                        history=list(seq.tokens[:end]), prompt_len=seq.prompt_len, seq_len=len(seq.tokens))
 
     def step(self, **moves) -> StepResult:
         live = [s for s in self.seqs.values() if not s.done]
@@ -122,7 +122,10 @@ class ToyScheduler:
         for seq, c in zip(live, chunks):
             seq.num_computed = c.end_pos
             if c.sample:
+                variant = self.driver.rope.variant(seq.prompt_len, len(seq.tokens))
                 seq.tokens.append(result.sampled[seq.pid])
+                if self.driver.rope.variant(seq.prompt_len, len(seq.tokens)) != variant:
+                    seq.num_computed = 0        # its KV is of another rope variant now: recompute it
             else:
                 assert seq.pid not in result.sampled
         return result

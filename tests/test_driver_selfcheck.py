@@ -75,21 +75,3 @@ def test_the_gate_compares_every_position_of_a_chunked_prefill_and_decodes(tiny_
     with pytest.raises(ValueError, match="in a decode step"):
         selfcheck.check(driver)
     assert lost
-
-
-def test_length_dependent_rope_stops_the_context_where_it_would_switch_and_is_exact_below():
-    """Phi-3's longrope (the 128k checkpoints) switches to its long factors past
-    original_max_position_embeddings, chosen from the largest position in a forward pass: the
-    window stops there, and a short sequence batched beside a long one stays exact."""
-    from fixtures_models import ToyScheduler, hf_greedy, load_driver, prompt_of
-    path = build(transformers.Phi3Config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
-                 original_max_position_embeddings=48,
-                 rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8})
-    driver = load_driver(path)
-    assert driver.max_model_len == 48
-    sched = ToyScheduler(driver)
-    long, short = sched.add(1, prompt_of(30), 18), sched.add(2, prompt_of(5, 3), 18)
-    sched.run()
-    assert long.output == hf_greedy(path, prompt_of(30), 18)
-    assert short.output == hf_greedy(path, prompt_of(5, 3), 18)

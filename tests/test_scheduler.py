@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from llmos.drivers.batch import SamplingParams
 from llmos.kernel.proc import ProcState
-from llmos.kernel.scheduler import Event, EventKind
+from llmos.kernel.scheduler import Event, EventKind, Scheduler
 from sched_factories import (TOKEN, check_scheduler_invariants, chunk_of, make_config, make_proc,
                              make_scheduler, run_step, run_until_done, unique_tokens)
 
@@ -615,3 +615,27 @@ def test_prefix_cache_is_per_adapter():
     sched.add(make_proc(3, token_ids=prompt))
     run_step(sched)
     assert sched.get(2).num_cached_tokens == 0 and sched.get(3).num_cached_tokens == 12
+
+
+# ----- KV variants (rope frequencies chosen by length) -----
+def test_a_sequence_whose_kv_variant_changes_recomputes_all_of_it_under_its_new_variant():
+    """Past 10 tokens the model computes other KV (Phi-3's long rope factors): the token that
+    makes the sequence 11 long drops its KV, and the next step recomputes all 11 positions — not
+    from the blocks it cached under the other variant. Cached blocks serve their variant only."""
+    sched = Scheduler(make_config(), kv_variant=lambda prompt_len, seq_len: int(seq_len > 10))
+    prompt = unique_tokens(9)
+    proc = spawn(sched, 1, token_ids=prompt)
+    run_step(sched)                               # prefill 9, sample the 10th token
+    assert proc.num_computed_tokens == 9 and proc.block_ids
+    plan, _ = run_step(sched)                     # decode: the 11th token crosses
+    assert proc.num_tokens == 11 and proc.num_computed_tokens == 0 and not proc.block_ids
+    assert proc.num_recomputes == 1
+    plan, _ = run_step(sched)
+    [chunk] = plan.chunks
+    assert (chunk.start_pos, chunk.num_tokens, chunk.seq_len, chunk.prompt_len) == (0, 11, 11, 9)
+    other = spawn(sched, 2, token_ids=prompt + [TOKEN] * 8)      # long from the start: variant 1
+    plan, _ = run_step(sched)
+    assert chunk_of(plan, 2).start_pos == 8       # the recompute's blocks (same variant) are shared
+    spawn(sched, 3, token_ids=prompt)             # short: the blocks of the first prefill serve it
+    plan, _ = run_step(sched)
+    assert chunk_of(plan, 3).start_pos == 8 and chunk_of(plan, 3).prompt_len == 9

@@ -2,7 +2,8 @@
 
 Block ids are the kernel's: the memory manager decides which process owns which block, this
 module only stores bytes. Device K and V are each one tensor
-``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``; the host swap pool has the
+``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`` (V's last dim is ``v_head_dim``
+when given: DeepSeek's MLA has smaller values than keys); the host swap pool has the
 same layout with ``num_host_blocks`` blocks (pinned memory on CUDA so swaps can overlap).
 """
 from __future__ import annotations
@@ -16,17 +17,19 @@ from llmos.drivers.device import Device
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, num_host_blocks: int, block_size: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: Device):
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: Device,
+                 v_head_dim: int | None = None):
         if num_blocks <= 0 or block_size <= 0 or num_host_blocks < 0:
             raise ValueError("need num_blocks > 0, block_size > 0, num_host_blocks >= 0")
         self.num_layers, self.num_blocks, self.num_host_blocks = num_layers, num_blocks, num_host_blocks
         self.block_size, self.dtype, self.device = block_size, dtype, device.torch_device
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         host_shape = (num_layers, num_host_blocks, block_size, num_kv_heads, head_dim)
+        v_dim = head_dim if v_head_dim is None else v_head_dim
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros((*shape[:-1], v_dim), dtype=dtype, device=self.device)
         self.host_k = device.empty_host(host_shape, dtype)
-        self.host_v = device.empty_host(host_shape, dtype)
+        self.host_v = device.empty_host((*host_shape[:-1], v_dim), dtype)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -36,7 +39,8 @@ class PagedKVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        """K and V of one layer, each [num_blocks, block_size, num_kv_heads, head_dim] (V:
+        v_head_dim)."""
         return self.k[layer_idx], self.v[layer_idx]
 
     def write(self, layer_idx: int, slot_mapping: torch.Tensor, key: torch.Tensor,

@@ -1,10 +1,12 @@
 """``TritonBackend``: the paged attention seam served by Triton kernels.
 
 Same contract as ``llmos.drivers.attention.TorchBackend``: ``write`` stores a layer's new K/V
-at the context's slots, ``attend`` returns [T, H, D] with every sequence attending causally to
-its own blocks. One ``attend`` call launches at most four kernels, whatever the batch holds:
-the prefill kernel over every chunk of more than one token, the decode kernel (split over the
-context, flash-decoding) and its reduction over every single-token chunk.
+at the context's slots, ``attend`` returns [T, H, Dv] with every sequence attending causally to
+its own blocks, under the layer's sliding window, attention soft-cap (Gemma 2) and sinks
+(GPT-OSS); keys and values may have different head dims (DeepSeek's MLA). One ``attend`` call
+launches at most four kernels, whatever the batch holds: the prefill kernel over every chunk
+of more than one token, the decode kernel (split over the context, flash-decoding) and its
+reduction over every single-token chunk.
 
 Triton is imported only when a backend is made, so ``llmos.drivers`` imports without it; use
 ``available()`` to ask first. On CPU tensors the kernels run only under Triton's interpreter
@@ -74,79 +76,93 @@ class TritonBackend(AttentionBackend):
 
     def write(self, ctx: AttentionContext, layer_idx: int, key: torch.Tensor,
               value: torch.Tensor) -> None:
-        """One launch stores K and V of all new tokens, cast to the cache dtype, straight from
-        the strided [T, Hkv, D] views transformers hands us (``PagedKVCache.write`` takes two
-        ``index_copy_`` launches, plus casts when dtypes differ). Negative slots are skipped."""
-        k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, D]
+        """One launch stores K [T, Hkv, Dk] and V [T, Hkv, Dv] of all new tokens, cast to the
+        cache dtype, straight from the strided views transformers hands us
+        (``PagedKVCache.write`` takes two ``index_copy_`` launches, plus casts when dtypes
+        differ). Negative slots are skipped."""
+        k_cache, v_cache = ctx.cache.layer(layer_idx)           # [N, bs, Hkv, Dk], [.., Dv]
         key, value = _unit_last(key), _unit_last(value)
         num_tokens, num_kv_heads, head_dim = key.shape
+        v_head_dim = value.shape[2]
         # Flat slots address [num_blocks * block_size] rows: blocks and rows must be dense.
-        assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-        assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+        for cache in (k_cache, v_cache):
+            assert cache.stride(3) == 1 and cache.stride(0) == cache.shape[1] * cache.stride(1)
         self.kernels.store_kv_kernel[(num_tokens,)](
             key, value, k_cache, v_cache, ctx.slot_mapping,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            k_cache.stride(1), k_cache.stride(2),
-            HKV=num_kv_heads, D=head_dim, HKV_PAD=_pow2(num_kv_heads),
-            D_PAD=_pow2(head_dim), num_warps=self.num_warps)
+            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+            HKV=num_kv_heads, DK=head_dim, DV=v_head_dim, HKV_PAD=_pow2(num_kv_heads),
+            DK_PAD=_pow2(head_dim), DV_PAD=_pow2(v_head_dim), num_warps=self.num_warps)
 
     # -- attend ---------------------------------------------------------------------------
 
     def attend(self, ctx, layer_idx, query, scaling, sliding_window, softcap=None, sinks=None):
-        if softcap or sinks is not None:
-            raise NotImplementedError("the Triton kernels have no attention soft-cap or sinks yet; "
-                                      "--attention-backend torch has both")
+        """``query`` [T, H, Dk] against the layer's K [.., Hkv, Dk] and V [.., Hkv, Dv]:
+        returns [T, H, Dv]."""
         k_cache, v_cache = ctx.cache.layer(layer_idx)
         query = _unit_last(query)
         num_tokens, num_heads, head_dim = query.shape
-        num_kv_heads = k_cache.shape[2]
+        num_kv_heads, v_head_dim = k_cache.shape[2], v_cache.shape[3]
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
+        if k_cache.shape[3] != head_dim:
+            raise ValueError(f"queries have head dim {head_dim}, keys {k_cache.shape[3]}")
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            raise ValueError(f"sinks must be one logit per query head ({num_heads}), "
+                             f"got shape {tuple(sinks.shape)}")
         scaling = head_dim ** -0.5 if scaling is None else scaling
-        shape = dict(qk_scale=scaling * LOG2E, window=sliding_window or 0,
-                     group=num_heads // num_kv_heads, heads=num_heads, head_dim=head_dim)
+        # What both attention kernels take: how scores are made, and the cache's geometry.
+        layer = dict(
+            qk_scale=scaling / softcap if softcap else scaling * LOG2E,
+            cap_scale=softcap * LOG2E if softcap else 0.0, window=sliding_window or 0,
+            stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+            stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+            GROUP=num_heads // num_kv_heads, BS=k_cache.shape[1], DK=head_dim,
+            DK_PAD=_pow2(head_dim, 16), DV=v_head_dim, DV_PAD=_pow2(v_head_dim, 16),
+            SOFTCAP=bool(softcap), num_warps=self.num_warps)
+        # For the prefill and the reduction, which finish rows. Without sinks the kernels never
+        # read sinks_ptr; any tensor stands in for it.
+        sink_args = dict(sinks_ptr=query if sinks is None else sinks.contiguous(),
+                         HAS_SINKS=sinks is not None)
         plan = self._plan(ctx, query.device, num_kv_heads)
-        out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype,
+        out = torch.empty(num_tokens, num_heads, v_head_dim, dtype=query.dtype,
                           device=query.device)
         if plan.work_seq is not None:
-            self._prefill(plan, query, k_cache, v_cache, out, **shape)
+            self._prefill(plan, query, k_cache, v_cache, out, layer, sink_args)
         if plan.num_decodes:
-            self._decode(ctx, plan, query, k_cache, v_cache, out, **shape)
+            self._decode(ctx, plan, query, k_cache, v_cache, out, layer, sink_args)
         return out
 
-    def _prefill(self, plan, query, k_cache, v_cache, out, qk_scale, window, group, heads,
-                 head_dim):
+    def _prefill(self, plan, query, k_cache, v_cache, out, layer, sink_args):
         table = plan.prefill_table
-        self.kernels.paged_prefill_kernel[(plan.work_seq.numel(), heads)](
+        self.kernels.paged_prefill_kernel[(plan.work_seq.numel(), query.shape[1])](
             query, k_cache, v_cache, out, table, plan.work_seq, plan.work_block,
-            plan.q_start, plan.q_len, plan.start_pos, qk_scale, window,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1), table.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            GROUP=group, BS=k_cache.shape[1], D=head_dim, D_PAD=_pow2(head_dim, 16),
-            BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps)
+            plan.q_start, plan.q_len, plan.start_pos,
+            stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0),
+            stride_oh=out.stride(1), stride_tb=table.stride(0), BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n, **layer, **sink_args)
 
-    def _decode(self, ctx, plan, query, k_cache, v_cache, out, qk_scale, window, group, heads,
-                head_dim):
-        num_kv_heads, d_pad, splits = k_cache.shape[2], _pow2(head_dim, 16), plan.num_splits
-        scratch_key = (MEMO_KEY, "scratch", heads, d_pad)
+    def _decode(self, ctx, plan, query, k_cache, v_cache, out, layer, sink_args):
+        heads, num_kv_heads, splits = query.shape[1], k_cache.shape[2], plan.num_splits
+        dv_pad = layer["DV_PAD"]
+        scratch_key = (MEMO_KEY, "scratch", heads, dv_pad)
         if scratch_key not in ctx.memo:         # layers run in turn: one scratch serves all
             ctx.memo[scratch_key] = (
-                torch.empty(plan.num_decodes, splits, heads, d_pad, dtype=torch.float32,
+                torch.empty(plan.num_decodes, splits, heads, dv_pad, dtype=torch.float32,
                             device=query.device),
                 torch.empty(plan.num_decodes, splits, heads, dtype=torch.float32,
                             device=query.device))
         part_out, part_lse = ctx.memo[scratch_key]
         table, rows = ctx.decode_block_table, ctx.decode_rows
         self.kernels.paged_decode_kernel[(plan.num_decodes, num_kv_heads, splits)](
-            query, k_cache, v_cache, table, ctx.decode_context_len, rows,
-            part_out, part_lse, qk_scale, window, splits,
-            query.stride(0), query.stride(1), table.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            H=heads, GROUP=group, G_PAD=_pow2(group, 16), BS=k_cache.shape[1], D=head_dim,
-            D_PAD=d_pad, BLOCK_N=self.decode_block_n, num_warps=self.num_warps)
+            query, k_cache, v_cache, table, ctx.decode_context_len, rows, part_out, part_lse,
+            num_splits=splits, stride_qt=query.stride(0), stride_qh=query.stride(1),
+            stride_tb=table.stride(0), H=heads, G_PAD=_pow2(layer["GROUP"], 16),
+            BLOCK_N=self.decode_block_n, **layer)
         self.kernels.decode_reduce_kernel[(plan.num_decodes, heads)](
             part_out, part_lse, rows, out, out.stride(0), out.stride(1), splits,
-            S_PAD=_pow2(splits), H=heads, D=head_dim, D_PAD=d_pad, num_warps=self.num_warps)
+            S_PAD=_pow2(splits), H=heads, DV=layer["DV"], DV_PAD=dv_pad,
+            num_warps=self.num_warps, **sink_args)
 
     # -- per-pass plan --------------------------------------------------------------------
 

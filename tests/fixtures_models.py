@@ -32,8 +32,9 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
 
 
-def load_driver(path: str, block_size: int = BLOCK_SIZE) -> ModelDriver:
-    driver = ModelDriver(path, device="cpu", dtype="float32", block_size=block_size)
+def load_driver(path: str, block_size: int = BLOCK_SIZE, backend=None) -> ModelDriver:
+    driver = ModelDriver(path, device="cpu", dtype="float32", block_size=block_size,
+                         backend=backend)
     driver.allocate_kv(NUM_BLOCKS, NUM_HOST_BLOCKS)
     return driver
 

@@ -1,15 +1,14 @@
 """Architectures whose logits or attention scores are transformed — Granite's logits scaling,
 Cohere's logit scale, Gemma 2's attention and final soft-caps, GPT-OSS's attention sinks —,
 DeepSeek's MLA (keys and values of different widths) and Llama-4, whose decoder is not under
-``base_model_prefix``, are exact through the paged path
-(torch backend): alone, batched, with chunked prefill."""
+``base_model_prefix``, are exact through the paged path: alone, batched, with chunked prefill;
+Gemma 2, GPT-OSS and DeepSeek through the Triton kernels too."""
 import pytest
 import torch
 import transformers
 
 from fixtures_models import ToyScheduler, hf_greedy, load_driver, prompt_of
 from test_driver_selfcheck import build
-from llmos.drivers.model import ModelDriver
 from llmos.drivers.triton_attention import TritonBackend
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,6 +51,15 @@ def test_transformed_logits_and_scores_are_exact(models, arch):
     assert chunked.output == hf_greedy(path, prompt_of(7, 2), 20)
 
 
-def test_the_triton_kernels_refuse_soft_caps_and_sinks_at_load_naming_the_torch_backend(models):
-    with pytest.raises(ValueError, match="attention-backend torch"):
-        ModelDriver(models["gemma2"], device="cpu", dtype="float32", block_size=4, backend=TritonBackend())
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "deepseek_v3"])
+def test_soft_caps_sinks_and_mla_are_exact_through_the_triton_kernels(models, arch):
+    """Gemma 2 and GPT-OSS alternate sliding-window (16) and full layers; small tiles split every
+    decode three ways, so GPT-OSS's sinks go through the decode's reduction as well as the
+    prefill. DeepSeek's values are narrower than its keys."""
+    path = models[arch]
+    backend = TritonBackend(block_m=16, block_n=16, decode_block_n=16, num_splits=3)
+    sched = ToyScheduler(load_driver(path, backend=backend))
+    alone, chunked = sched.add(1, prompt_of(23), 8), sched.add(2, prompt_of(7, 2), 8, chunk=3)
+    sched.run()
+    assert alone.output == hf_greedy(path, prompt_of(23), 8)
+    assert chunked.output == hf_greedy(path, prompt_of(7, 2), 8)

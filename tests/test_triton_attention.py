@@ -1,7 +1,8 @@
 """The Triton attention backend computes what the torch reference computes: the same cache
 contents after ``write``, the same outputs from ``attend`` (decodes, prefills, mixed batches,
-chunked prefill over a cached prefix, GQA, sliding windows, any block size and head dim), and
-the same greedy tokens as transformers' ``generate`` when it serves a whole model.
+chunked prefill over a cached prefix, GQA, sliding windows, any block size and head dim, keys
+and values of different head dims, attention soft-caps and sinks), and the same greedy tokens
+as transformers' ``generate`` when it serves a whole model.
 
 The kernels run on CPU through Triton's interpreter. Triton reads ``TRITON_INTERPRET`` when
 it decorates a ``@triton.jit`` function, its own library (``tl.cdiv``, ``tl.max``) included,
@@ -23,6 +24,7 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402,F401  (a missing triton is a failure, not a skip)
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -49,6 +51,11 @@ PREFILLS = [(0, 7), (0, 19), (0, 33)]
 MIXED = [(0, 5), (12, 1), (0, 1), (0, 21), (40, 1)]
 CHUNKED = [(13, 13), (26, 11), (5, 2)]          # new tokens after a cached prefix
 
+# A soft-cap that bends most scores (q.k * 0.3 has a std near 1.7 at head dim 32), and sinks
+# that differ per head and weigh about as much as a window's keys.
+SCORES = {"plain": dict(), "softcap": dict(softcap=2.0), "sinks": dict(with_sinks=True),
+          "softcap+sinks": dict(softcap=2.0, with_sinks=True)}
+
 
 @pytest.fixture(autouse=True)
 def interpreted_triton():
@@ -58,13 +65,14 @@ def interpreted_triton():
                     "of tests/conftest.py, before anything imports torch")
 
 
-def make_batch(layout, block_size, num_heads=4, num_kv_heads=2, head_dim=32,
+def make_batch(layout, block_size, num_heads=4, num_kv_heads=2, head_dim=32, v_head_dim=None,
                dtype=torch.float32, seed=0):
     """A cache full of random K/V (so a wrong gather shows), chunks on shuffled block ids,
-    and random query/key/value for the new tokens."""
+    and random query/key/value for the new tokens (values of ``v_head_dim``, else ``head_dim``)."""
     gen = torch.Generator().manual_seed(seed)
+    v_head_dim = v_head_dim or head_dim
     cache = PagedKVCache(1, POOL_BLOCKS, 0, block_size, num_kv_heads, head_dim, dtype,
-                         detect("cpu"))
+                         detect("cpu"), v_head_dim=v_head_dim)
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     free = list(range(POOL_BLOCKS))
@@ -75,29 +83,43 @@ def make_batch(layout, block_size, num_heads=4, num_kv_heads=2, head_dim=32,
         chunks.append(SeqChunk(pid, [0] * n, start, free[:num_blocks]))
         free = free[num_blocks:]
     num_tokens = sum(n for _, n in layout)
-    q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen).to(dtype)
-               for h in (num_heads, num_kv_heads, num_kv_heads))
+    q, k, v = (torch.randn(num_tokens, h, d, generator=gen).to(dtype)
+               for h, d in ((num_heads, head_dim), (num_kv_heads, head_dim),
+                            (num_kv_heads, v_head_dim)))
     return cache, chunks, q, k, v
 
 
-def run(backend, cache, chunks, q, k, v, window, scaling=None):
+def run(backend, cache, chunks, q, k, v, window, scaling=None, softcap=None, sinks=None):
     """Write then attend, as ``paged_attention_forward`` does; returns (output, cache)."""
     ctx = AttentionContext.build(chunks, cache, backend)
     ctx.new_key, ctx.new_value = k, v
     backend.write(ctx, 0, k, v)
-    return backend.attend(ctx, 0, q, scaling, window), cache
+    return backend.attend(ctx, 0, q, scaling, window, softcap, sinks), cache
 
 
-def assert_matches_torch(layout, block_size, window, tiles, atol=1e-4, **shape):
+def padded(x, dim):
+    """``x`` in float32 with zero columns up to head dim ``dim``."""
+    return F.pad(x.float(), (0, dim - x.shape[-1]))
+
+
+def assert_matches_torch(layout, block_size, window, tiles, atol=1e-4, softcap=None,
+                         with_sinks=False, **shape):
+    """Triton on ``shape``'s dtype against the torch reference in float32. The reference runs
+    at one head dim, max(Dk, Dv), on zero-padded copies: zero columns change neither a score
+    nor the first Dv columns of the output, so Dk != Dv is checked by plain TorchBackend."""
     cache, chunks, q, k, v = make_batch(layout, block_size, **shape)
-    reference = PagedKVCache(1, POOL_BLOCKS, 0, block_size, cache.k.shape[3], cache.k.shape[4],
-                             torch.float32, detect("cpu"))
-    reference.k.copy_(cache.k), reference.v.copy_(cache.v)
-    out, cache = run(TritonBackend(**BACKENDS[tiles]), cache, chunks, q, k, v, window, 0.3)
-    expected, reference = run(TorchBackend(), reference, chunks, q.float(), k.float(),
-                              v.float(), window, 0.3)
-    assert torch.equal(cache.k.float(), reference.k) and torch.equal(cache.v.float(), reference.v)
-    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=atol)
+    num_heads, dim, v_head_dim = q.shape[1], max(k.shape[-1], v.shape[-1]), v.shape[-1]
+    sinks = torch.linspace(-1.0, 4.0, num_heads).to(q.dtype) if with_sinks else None
+    reference = PagedKVCache(1, POOL_BLOCKS, 0, block_size, k.shape[1], dim, torch.float32,
+                             detect("cpu"))
+    reference.k.copy_(padded(cache.k, dim)), reference.v.copy_(padded(cache.v, dim))
+    out, cache = run(TritonBackend(**BACKENDS[tiles]), cache, chunks, q, k, v, window, 0.3,
+                     softcap, sinks)
+    expected, reference = run(TorchBackend(), reference, chunks,
+                              *(padded(x, dim) for x in (q, k, v)), window, 0.3, softcap, sinks)
+    assert torch.equal(padded(cache.k, dim), reference.k)
+    assert torch.equal(padded(cache.v, dim), reference.v)
+    torch.testing.assert_close(out.float(), expected[..., :v_head_dim], atol=atol, rtol=atol)
 
 
 grid = pytest.mark.parametrize("block_size,window,tiles", [
@@ -135,10 +157,41 @@ def test_head_layouts_and_dims_match_torch(num_heads, num_kv_heads, head_dim, ti
                          num_kv_heads=num_kv_heads, head_dim=head_dim)
 
 
-def test_float16_cache_matches_torch_within_half_precision():
-    """16-bit path (probabilities rounded to the cache dtype before P @ V). bfloat16 cannot be
-    checked here: the interpreter's ``tl.dot`` multiplies bf16 bit patterns (triton#11584)."""
-    assert_matches_torch(MIXED + CHUNKED, 4, 5, "small", atol=3e-3, dtype=torch.float16)
+@pytest.mark.parametrize("scores", ["plain", "softcap+sinks"])
+def test_float16_cache_matches_torch_within_half_precision(scores):
+    """16-bit path (probabilities rounded to the cache dtype before P @ V; float16 sinks, as
+    such a model holds them). bfloat16 cannot be checked here: the interpreter's ``tl.dot``
+    multiplies bf16 bit patterns (triton#11584)."""
+    assert_matches_torch(MIXED + CHUNKED, 4, 5, "small", atol=3e-3, dtype=torch.float16,
+                         **SCORES[scores])
+
+
+@pytest.mark.parametrize("scores,block_size,window,tiles", [
+    ("softcap", 4, None, "small"), ("softcap", 5, 6, "small"), ("sinks", 4, None, "small"),
+    ("sinks", 5, 6, "small"), ("softcap+sinks", 4, None, "small"),
+    ("softcap+sinks", 16, 17, "default")])
+def test_soft_caps_and_sinks_match_torch(scores, block_size, window, tiles):
+    """Every path in one batch: prefills, chunks over a cached prefix, and decodes (small tiles
+    split a 41-token decode three ways, and under a window leave splits empty: a sink counted
+    per split instead of once, in the reduction, shows). GQA groups of 3."""
+    assert_matches_torch(MIXED + CHUNKED, block_size, window, tiles, num_heads=6,
+                         num_kv_heads=2, **SCORES[scores])
+
+
+@pytest.mark.parametrize("head_dim,v_head_dim,scores,window,tiles", [
+    (24, 16, "plain", None, "default"), (16, 24, "plain", 6, "small"),
+    (24, 16, "softcap+sinks", 6, "small"), (40, 8, "softcap+sinks", None, "default")])
+def test_key_and_value_head_dims_may_differ(head_dim, v_head_dim, scores, window, tiles):
+    """DeepSeek's MLA: queries and keys of Dk, values and output of Dv (24 and 40 are not
+    powers of two, 8 is under ``tl.dot``'s 16: all are padded and masked)."""
+    assert_matches_torch(MIXED + CHUNKED, 4, window, tiles, head_dim=head_dim,
+                         v_head_dim=v_head_dim, **SCORES[scores])
+
+
+def test_sinks_must_be_one_logit_per_query_head():
+    cache, chunks, q, k, v = make_batch(MIXED, 4)
+    with pytest.raises(ValueError, match="one logit per query head"):
+        run(TritonBackend(), cache, chunks, q, k, v, None, sinks=torch.zeros(2))
 
 
 def test_default_scaling_is_inverse_sqrt_head_dim():

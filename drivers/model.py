@@ -83,8 +83,9 @@ class ModelDriver:
         self._final_softcap = float(getattr(text, "final_logit_softcapping", None) or 0.0)
         self.kv: PagedKVCache | None = None
         self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
+        probe.check_stateless(self.architecture, text)
         self.layout = self._probe()      # what the KV cache holds, from the model's own attention calls
-        selfcheck.check(self)            # refused here unless the paged path is the model's own
+        selfcheck.check_cached(self, model_path)   # refused here unless the paged path is the model's own
 
     def _find_eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -7,11 +7,17 @@ the model's own forward pass over the whole sequence (its standard attention, no
 model whose attention does not go through the paged interface, keeps state outside the KV pool
 (recurrent or linear-attention layers), rescales its logits after the LM head, or fails on a
 step at all, differs or raises here and is refused with the reason, instead of being accepted
-and silently wrong. It costs a few forward passes of ``NUM_TOKENS`` tokens, once per load.
+and silently wrong. It costs a few forward passes of 21 tokens; ``check_cached`` skips it when
+the same checkpoint passed before under the same conditions (see ``fingerprint``).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import torch
+import transformers
 
 from llmos.drivers import attention
 from llmos.drivers.batch import SeqChunk
@@ -20,6 +26,44 @@ FIRST_CHUNK, SECOND_CHUNK, NUM_DECODES = 9, 8, 4          # 21 tokens
 # Largest relative logit error the paged path may show: float rounding of a different but
 # exact computation. A model attending to the wrong tokens is off by tens of percent.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def cache_dir() -> Path:
+    """Where passes are remembered: ``$LLMOS_SELFCHECK_CACHE``, else ``~/.cache/llmos/selfcheck``."""
+    return Path(os.environ.get("LLMOS_SELFCHECK_CACHE") or Path.home() / ".cache" / "llmos" / "selfcheck")
+
+
+def fingerprint(driver, model_path: str) -> str:
+    """What decides the check's outcome: the checkpoint's files (names, sizes, modification
+    times: no need to read gigabytes), the dtype, device kind, block size and attention backend,
+    the torch and transformers versions, and this driver's own source."""
+    h = hashlib.sha256()
+    root = Path(model_path).resolve()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(f"{root}|{driver._torch_dtype}|{driver.device.kind}|{driver.block_size}|{driver.backend.name}|"
+             f"{torch.__version__}|{transformers.__version__}".encode())
+    for src in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
+def check_cached(driver, model_path: str) -> None:
+    """``check``, skipped when this fingerprint passed before; a refusal is never cached."""
+    try:
+        mark = cache_dir() / fingerprint(driver, model_path)
+        if mark.exists():
+            return
+    except OSError:
+        mark = None
+    check(driver)
+    if mark is not None:
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(f"{driver.architecture} passed\n")
+        except OSError:
+            pass                            # a read-only home: the check just runs every time
 
 
 def check(driver) -> None:

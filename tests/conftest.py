@@ -6,6 +6,9 @@ import os
 # Triton reads TRITON_INTERPRET when it is first imported, and torch imports it with
 # transformers: choose the interpreter (CPU Triton tests) before any test module loads torch.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The load-time check remembers passes; the suite keeps its memory to itself (kernels inherit it).
+os.environ.setdefault("LLMOS_SELFCHECK_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                            f"llmos-selfcheck-{os.getpid()}"))
 
 import shutil  # noqa: E402
 import signal  # noqa: E402

@@ -1,5 +1,6 @@
 """The load-time gate: a model whose paged path is not its own forward pass is refused at load,
 with the reason, instead of being served silently wrong (issue 13's first item)."""
+import os
 import tempfile
 
 import pytest
@@ -33,7 +34,14 @@ REFUSED = {   # accepted before the gate, then silently wrong or failing on the 
     "bloom": (transformers.BloomConfig, dict(hidden_size=64, n_layer=2, n_head=4), "no layer calls"),
     "mpt": (transformers.MptConfig, dict(d_model=64, n_layers=2, n_heads=4), "fails on one token"),
     "falcon_h1": (transformers.FalconH1Config, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                   num_key_value_heads=2, intermediate_size=128), "differs"),
+                                                   num_key_value_heads=2, intermediate_size=128), "recurrent state"),
+    # linear attention / short convolutions beside attention layers
+    "lfm2": (transformers.Lfm2Config, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           intermediate_size=128, layer_types=["conv", "full_attention"]), "conv layers"),
+    "qwen3_next": (transformers.Qwen3NextConfig, dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16), "linear_attention layers"),
     "falcon": (transformers.FalconConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
                "attention interface"),
 }
@@ -75,3 +83,33 @@ def test_the_gate_compares_every_position_of_a_chunked_prefill_and_decodes(tiny_
     with pytest.raises(ValueError, match="in a decode step"):
         selfcheck.check(driver)
     assert lost
+
+
+def test_a_pass_is_remembered_for_the_same_checkpoint_and_conditions_only(tiny_models, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMOS_SELFCHECK_CACHE", str(tmp_path))
+    runs = []
+    real = selfcheck.check
+    monkeypatch.setattr(selfcheck, "check", lambda driver: (runs.append(driver.block_size), real(driver)))
+    path = tiny_models["llama"]
+    for block_size in (4, 4, 8):
+        ModelDriver(path, device="cpu", dtype="float32", block_size=block_size)
+    assert runs == [4, 8]                      # the second load at block size 4 skipped it
+    config = f"{path}/config.json"
+    stat = os.stat(config)
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))   # the checkpoint changed
+    ModelDriver(path, device="cpu", dtype="float32", block_size=4)
+    assert runs == [4, 8, 4]
+
+
+def test_a_refusal_is_never_remembered(tiny_models, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMOS_SELFCHECK_CACHE", str(tmp_path))
+    runs = []
+
+    def refuse(driver):
+        runs.append(1)
+        raise ValueError("differs")
+    monkeypatch.setattr(selfcheck, "check", refuse)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="differs"):
+            ModelDriver(tiny_models["llama"], device="cpu", dtype="float32", block_size=4)
+    assert runs == [1, 1] and not any(tmp_path.iterdir())

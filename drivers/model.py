@@ -11,13 +11,15 @@ the device; chunks with different adapters (and none) share the forward pass.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 from typing import Any, Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmos.drivers import attention, lora, lora_layers, probe, rope, selfcheck
+from llmos.drivers import attention, lora, lora_layers, probe, rope, selfcheck, state
 from llmos.drivers import text as text_codec
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.drivers.device import Device, detect
@@ -83,8 +85,9 @@ class ModelDriver:
         self._final_softcap = float(getattr(text, "final_logit_softcapping", None) or 0.0)
         self.kv: PagedKVCache | None = None
         self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
-        probe.check_stateless(self.architecture, text)
-        self.layout = self._probe()      # what the KV cache holds, from the model's own attention calls
+        self.layout, self.recurrent = self._probe()   # what the cache holds, from the model's own calls
+        # blocks at the front of a process's table that hold its recurrent state (0: none)
+        self.state_blocks = self.recurrent.blocks(self.kv_bytes_per_block()) if self.recurrent else 0
         selfcheck.check_cached(self, model_path)   # refused here unless the paged path is the model's own
 
     def _find_eos_ids(self) -> set[int]:
@@ -96,16 +99,23 @@ class ModelDriver:
         return ids
 
     @torch.inference_mode()
-    def _probe(self) -> probe.KVLayout:
-        probing = probe.Probe()
+    def _probe(self) -> tuple[probe.KVLayout, state.RecurrentState | None]:
+        probing, text = probe.Probe(), self.config.get_text_config()
+        kinds = state.recurrent_layer_types(text)
+        cache = state.new_cache(self.config) if kinds else None
         try:
             with attention.use_context(probing):
                 self._decoder(input_ids=torch.tensor([[1]], device=self.device.torch_device),
-                              position_ids=torch.tensor([[0]], device=self.device.torch_device), use_cache=False)
+                              position_ids=torch.tensor([[0]], device=self.device.torch_device),
+                              cache=cache, use_cache=cache is not None)
+            recurrent = state.RecurrentState(self.config, cache) if kinds else None
         except Exception as exc:
             raise ValueError(f"{self.architecture}: its forward pass fails on one token at load "
                              f"({type(exc).__name__}: {exc})"[:400]) from exc
-        return probe.kv_layout(self.architecture, probing)
+        if kinds and not probing.calls:
+            raise ValueError(f"{self.architecture}: it has no attention layers, only {'/'.join(kinds)} ones; "
+                             f"recurrent-only models are not supported (their state needs blocks of its own)")
+        return probe.kv_layout(self.architecture, probing), recurrent
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -164,11 +174,11 @@ class ModelDriver:
                 raise ValueError(f"pid {c.pid}: position {c.end_pos} exceeds max_model_len "
                                  f"{self.max_model_len}")
         dev = self.device.torch_device
-        hidden, ctx = self.forward(plan.chunks, lora_batch)
+        hidden, query_start = self.forward(plan.chunks, lora_batch)
         sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.sample]
         if not sampling:
             return StepResult(plan.step_id, num_tokens=plan.num_tokens)
-        rows = torch.tensor([ctx.query_start[i + 1] - 1 for i, _ in sampling], device=dev)
+        rows = torch.tensor([query_start[i + 1] - 1 for i, _ in sampling], device=dev)
         logits = self.logits(hidden[rows])
         chunks = [c for _, c in sampling]
         tokens = sample(logits, [c.sampling for c in chunks], [c.end_pos for c in chunks],
@@ -186,18 +196,33 @@ class ModelDriver:
             logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         return logits
 
-    def forward(self, chunks, lora_batch=None) -> tuple[torch.Tensor, attention.AttentionContext]:
-        """The decoder over ``chunks`` packed in one row, attention from the paged KV cache
-        (each chunk's new K/V written into its blocks): hidden states [T, hidden], and the
-        attention context (``query_start`` gives each chunk's rows)."""
+    def forward(self, chunks, lora_batch=None) -> tuple[torch.Tensor, list[int]]:
+        """The decoder over ``chunks``, attention from the paged KV cache (each chunk's new K/V
+        written into its blocks): hidden states [T, hidden] and each chunk's first row (B+1
+        offsets). All chunks are packed in one row; with recurrent state, one pass per chunk."""
+        if self.recurrent is None:
+            hidden = self._pass(chunks, lora_batch)
+            return hidden, list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
+        k, hidden, query_start = self.state_blocks, [], [0]
+        for c in chunks:
+            if len(c.block_ids) <= k:
+                raise ValueError(f"pid {c.pid}: its block table has no room past its {k} state blocks")
+            held = c.block_ids[:k]
+            cache = self.recurrent.load(self.kv, held) if c.start_pos > 0 else state.new_cache(self.config)
+            own = dataclasses.replace(c, block_ids=c.block_ids[k:])
+            hidden.append(self._pass([own], self.lora.prepare([c]) if lora_batch is not None else None, cache))
+            self.recurrent.save(self.kv, held, cache)
+            query_start.append(query_start[-1] + c.num_tokens)
+        return torch.cat(hidden), query_start
+
+    def _pass(self, chunks, lora_batch, cache=None) -> torch.Tensor:
         dev = self.device.torch_device
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=dev)
         positions = torch.tensor([p for c in chunks for p in range(c.start_pos, c.end_pos)], device=dev)
         ctx = attention.AttentionContext.build(chunks, self.kv, self.backend)
         with attention.use_context(ctx), lora_layers.use_batch(lora_batch):
-            hidden = self._decoder(input_ids=input_ids[None], position_ids=positions[None],
-                                   use_cache=False).last_hidden_state[0]
-        return hidden, ctx
+            return self._decoder(input_ids=input_ids[None], position_ids=positions[None], cache=cache,
+                                 use_cache=cache is not None).last_hidden_state[0]
 
     # -- text -----------------------------------------------------------------------------
 

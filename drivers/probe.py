@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 ATTRIBUTE = "llmos_kv_layer"
-# transformers' cache layer types that keep recurrent state (Mamba, linear attention, short convolutions)
-RECURRENT = ("conv", "linear_attention", "hybrid", "hybrid_sliding")
-
 
 @dataclass
 class Probe:
@@ -36,20 +33,6 @@ class KVLayout:
     num_kv_heads: int
     k_head_dim: int
     v_head_dim: int
-
-
-def check_stateless(name: str, text_config) -> None:
-    """Refuse a model whose config says some layers keep recurrent state: the paged path does
-    not hold it (yet), and without it every token after the first would differ. Models that
-    keep such state without saying so are caught by the load-time check."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-    try:
-        kinds = sorted(set(get_layer_types_and_kwargs(text_config)[0]) & set(RECURRENT))
-    except Exception:                     # a config transformers' cache cannot describe: the gate decides
-        return
-    if kinds:
-        raise ValueError(f"{name}: its {'/'.join(kinds)} layers keep recurrent state (Mamba, linear attention "
-                         f"or short convolutions), which the paged KV cache does not hold yet")
 
 
 def kv_layout(name: str, probe: Probe) -> KVLayout:

@@ -86,15 +86,16 @@ def check(driver) -> None:
         where = ("in the prefill" if i < FIRST_CHUNK else "in a second prefill chunk" if i < FIRST_CHUNK + SECOND_CHUNK
                  else "in a decode step")
         raise ValueError(f"{driver.architecture}: the paged path differs from the model's own forward pass "
-                         f"{where} (position {i}: relative logit error {errors[i]:.3g} > {limit:g}); its "
-                         f"attention does not go through transformers' attention interface or it keeps "
-                         f"state outside the KV cache")
+                         f"{where} (position {i}: relative logit error {errors[i]:.3g} > {limit:g}); "
+                         + ("its recurrent layers do not continue exactly from their saved state" if driver.recurrent
+                            else "its attention does not go through transformers' attention interface or it "
+                                 "keeps state outside the KV cache"))
 
 
 @torch.inference_mode()
 def _paged_logits(driver, ids: list[int]) -> torch.Tensor:
     bs = driver.block_size
-    num_blocks = -(-len(ids) // bs)
+    num_blocks = -(-len(ids) // bs) + driver.state_blocks
     saved, driver.kv = driver.kv, None
     try:
         driver.allocate_kv(num_blocks, 0)

@@ -49,12 +49,17 @@ def seed_hash(model: str, adapter: str | None = None, variant: int = 0) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int = 16,
-                 usage: Counter | None = None, kv_variant: Callable[[int, int], int] | None = None):
+                 usage: Counter | None = None, kv_variant: Callable[[int, int], int] | None = None,
+                 state_blocks: int = 0):
         if num_blocks < 1 or num_host_blocks < 0 or block_size < 1:
             raise ValueError("need num_blocks >= 1, num_host_blocks >= 0, block_size >= 1")
         self.block_size = block_size
         # (prompt length, tokens held) -> which KV the model computes for them (the driver's rope)
         self.kv_variant = kv_variant or (lambda prompt_len, seq_len: 0)
+        # Blocks at the front of every table that hold the process's recurrent state (hybrid
+        # models): allocated with its first KV, moved with it, copied (never shared) by fork.
+        # Such models have no prefix cache: the state at a cached prefix is not kept.
+        self.state_blocks = state_blocks
         self.blocks: list[Block] = [Block(i) for i in range(num_blocks)]
         # Ordered oldest-freed first: allocation takes the front, frees go to the back.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -161,7 +166,7 @@ class BlockManager:
     def num_blocks_needed(self, proc: Process, num_new_tokens: int) -> int:
         """Device blocks to add so the table covers ``num_computed_tokens + num_new_tokens``
         (a swapped-out process counts its whole table: it comes back first)."""
-        total = self.blocks_for(proc.num_computed_tokens + num_new_tokens)
+        total = self.state_blocks + self.blocks_for(proc.num_computed_tokens + num_new_tokens)
         return max(0, total - len(proc.block_ids))
 
     def can_allocate(self, proc: Process, num_new_tokens: int) -> bool:
@@ -198,6 +203,8 @@ class BlockManager:
         blocks; returns the tokens skipped (now ``num_computed_tokens``). The block holding
         the last token is never taken from the cache: its logits must be computed."""
         assert not proc.block_ids and not proc.host_block_ids and proc.num_computed_tokens == 0
+        if self.state_blocks:
+            return 0
         bs, h, matched = self.block_size, self._seed(proc), []
         for i in range((proc.num_tokens - 1) // bs):
             tokens = tuple(proc.token_ids[i * bs:(i + 1) * bs])
@@ -215,7 +222,7 @@ class BlockManager:
         """The chained hash of ``proc``'s first full prompt block past its ``num_cached`` tokens
         (None if there is none): two fresh processes with the same one would compute the same KV."""
         bs, end = self.block_size, num_cached + self.block_size
-        if end > proc.num_prompt_tokens:
+        if end > proc.num_prompt_tokens or self.state_blocks:
             return None
         h = self._seed(proc)
         for i in range(0, end, bs):
@@ -225,6 +232,8 @@ class BlockManager:
     def cache_full_blocks(self, proc: Process) -> None:
         """Register the hashes of blocks that are full and computed (call after update)."""
         bs = self.block_size
+        if self.state_blocks:
+            return
         num_full = min(proc.num_computed_tokens // bs, len(proc.block_ids))
         first = num_full
         while first > 0 and self.blocks[proc.block_ids[first - 1]].hash == NO_HASH:
@@ -248,6 +257,8 @@ class BlockManager:
         if parent.host_block_ids or not parent.block_ids:
             child.num_computed_tokens = 0
             return []
+        if self.state_blocks:
+            return self._fork_with_state(parent, child, may_copy)
         num_full, partial = divmod(parent.num_computed_tokens, bs)
         shared = parent.block_ids[:num_full]
         for block_id in shared:
@@ -264,6 +275,29 @@ class BlockManager:
         else:
             self._set_table(child, shared)
             child.num_computed_tokens = num_full * bs
+        return copies
+
+    def _fork_with_state(self, parent: Process, child: Process, may_copy: bool) -> list[tuple[int, int]]:
+        """The child gets copies of the parent's state blocks and of its partial last block, and
+        shares its full KV blocks; without room for the copies it recomputes everything (a KV
+        prefix without the state at its end is of no use)."""
+        k, bs = self.state_blocks, self.block_size
+        num_full, partial = divmod(parent.num_computed_tokens, bs)
+        private = parent.block_ids[:k] + parent.block_ids[k + num_full:k + num_full + (1 if partial else 0)]
+        if not may_copy or len(private) > self.num_free_blocks:
+            child.num_computed_tokens = 0
+            return []
+        copies = [(src, self._take_free().block_id) for src in private]
+        for src, dst in copies:
+            self._incref(src)                  # pins: held until the driver has copied
+            self._incref(dst)
+            self.pinned_block_ids += [src, dst]
+        shared = parent.block_ids[k:k + num_full]
+        for block_id in shared:
+            self._incref(block_id)
+        dst = [d for _, d in copies]
+        self._set_table(child, dst[:k] + shared + dst[k:])
+        child.num_computed_tokens = parent.num_computed_tokens
         return copies
 
     def is_pinned(self, proc: Process) -> bool:
@@ -329,9 +363,10 @@ class BlockManager:
         """Pool numbers. ``utilization`` = computed tokens stored / (used blocks * block_size),
         counting a shared block once; waste lives only in partial last blocks."""
         fill: dict[int, int] = {}
+        k = self.state_blocks                             # state blocks count as full
         for proc in procs:
             for i, block_id in enumerate(proc.block_ids):
-                n = min(self.block_size, max(0, proc.num_computed_tokens - i * self.block_size))
+                n = min(self.block_size, max(0, proc.num_computed_tokens - (i - k) * self.block_size))
                 fill[block_id] = max(fill.get(block_id, 0), n)
         used = self.num_blocks - self.num_free_blocks
         num_host = len(self.host_blocks)

@@ -104,12 +104,14 @@ class _Step:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, table: dict[int, Process] | None = None,
-                 shares: Shares | None = None, kv_variant: Callable[[int, int], int] | None = None):
+                 shares: Shares | None = None, kv_variant: Callable[[int, int], int] | None = None,
+                 state_blocks: int = 0):
         self.config = config
         self.table: dict[int, Process] = table if table is not None else {}   # the kernel's records
         self.shares = shares if shares is not None else Shares()
         self.block_manager = BlockManager(config.num_blocks, config.num_host_blocks, config.block_size,
-                                          usage=self.shares.usage, kv_variant=kv_variant)
+                                          usage=self.shares.usage, kv_variant=kv_variant,
+                                          state_blocks=state_blocks)
         self.pids: dict[int, None] = {}              # the run queue: pids scheduled here, in order
         self.busy_uids: set[int] = set()             # users with runnable processes at the last step
         self.running_pids: set[int] = set()          # the last step's batch

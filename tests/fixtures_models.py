@@ -91,7 +91,8 @@ class ToyScheduler:
         self.step_id = 0
 
     def alloc(self, num_tokens: int) -> list[int]:
-        n = -(-num_tokens // self.driver.block_size)
+        """Block ids for ``num_tokens`` tokens (after the model's recurrent-state blocks, if any)."""
+        n = -(-num_tokens // self.driver.block_size) + self.driver.state_blocks
         ids = list(range(self.next_block, self.next_block + n))
         self.next_block += n
         assert self.next_block <= NUM_BLOCKS

@@ -300,3 +300,36 @@ def test_meminfo_waste_is_only_in_partial_last_blocks():
     info = bm.meminfo(procs)
     assert info["blocks_used"] == 4
     assert info["utilization"] == pytest.approx(14 / 16)
+
+
+# ----- recurrent state (hybrid models) -----
+def test_state_blocks_lead_the_table_move_with_it_and_fork_copies_them():
+    """Two blocks of recurrent state at the front of every table: allocated with the first KV,
+    swapped with it, copied (never shared) by fork together with the partial last block, while
+    full KV blocks are shared; there is no prefix cache."""
+    bm = BlockManager(16, 16, block_size=BS, state_blocks=2)
+    parent = make_proc(1, 10)
+    assert bm.num_blocks_needed(parent, 9) == 2 + 3
+    computed(bm, parent)                                  # 9 tokens: 2 full blocks + 1 partial
+    assert len(parent.block_ids) == 5 and bm.match_prefix(make_proc(2, token_ids=parent.token_ids)) == 0
+    assert all(bm.blocks[b].hash == NO_HASH for b in parent.block_ids)
+    child = make_proc(3, token_ids=parent.token_ids)
+    copies = bm.fork(parent, child)
+    state, full, partial = parent.block_ids[:2], parent.block_ids[2:4], parent.block_ids[4]
+    assert [src for src, _ in copies] == state + [partial]
+    assert child.block_ids[2:4] == full and set(child.block_ids).isdisjoint(state + [partial])
+    assert child.num_computed_tokens == 9
+    bm.end_step()
+    check_block_invariants(bm, [parent, child])
+    pairs = bm.swap_out(child)
+    assert [d for d, _ in pairs][:2] == [d for _, d in copies][:2]    # its state goes to host first
+    bm.swap_in(child)
+    bm.end_step()
+    check_block_invariants(bm, [parent, child])
+
+
+def test_fork_of_a_stateful_process_without_room_for_the_state_recomputes_the_child():
+    bm = BlockManager(6, 0, block_size=BS, state_blocks=2)
+    parent = computed(bm, make_proc(1, 10))               # 5 of 6 blocks
+    child = make_proc(2, token_ids=parent.token_ids)
+    assert bm.fork(parent, child) == [] and child.num_computed_tokens == 0 and not child.block_ids

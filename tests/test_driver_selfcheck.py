@@ -33,15 +33,13 @@ def build(config_class, sinks_std: float = 0.0, **sizes) -> str:
 REFUSED = {   # accepted before the gate, then silently wrong or failing on the first step
     "bloom": (transformers.BloomConfig, dict(hidden_size=64, n_layer=2, n_head=4), "no layer calls"),
     "mpt": (transformers.MptConfig, dict(d_model=64, n_layers=2, n_heads=4), "fails on one token"),
-    "falcon_h1": (transformers.FalconH1Config, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                   num_key_value_heads=2, intermediate_size=128), "recurrent state"),
-    # linear attention / short convolutions beside attention layers
-    "lfm2": (transformers.Lfm2Config, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           intermediate_size=128, layer_types=["conv", "full_attention"]), "conv layers"),
-    "qwen3_next": (transformers.Qwen3NextConfig, dict(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16), "linear_attention layers"),
+    # recurrent layers whose code does not continue from a saved state across prefill chunks
+    "jamba": (transformers.JambaConfig, dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=128, num_experts=2,
+                                             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                             expert_layer_offset=1, mamba_d_state=8), "do not continue exactly"),
+    "mamba2": (transformers.Mamba2Config, dict(hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
+                                               state_size=8, n_groups=1), "recurrent-only"),
     "falcon": (transformers.FalconConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
                "attention interface"),
 }

@@ -105,9 +105,9 @@ class ModelDriver:
         cache = state.new_cache(self.config) if kinds else None
         try:
             with attention.use_context(probing):
+                extra = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
                 self._decoder(input_ids=torch.tensor([[1]], device=self.device.torch_device),
-                              position_ids=torch.tensor([[0]], device=self.device.torch_device),
-                              cache=cache, use_cache=cache is not None)
+                              position_ids=torch.tensor([[0]], device=self.device.torch_device), **extra)
             recurrent = state.RecurrentState(self.config, cache) if kinds else None
         except Exception as exc:
             raise ValueError(f"{self.architecture}: its forward pass fails on one token at load "
@@ -221,8 +221,8 @@ class ModelDriver:
         positions = torch.tensor([p for c in chunks for p in range(c.start_pos, c.end_pos)], device=dev)
         ctx = attention.AttentionContext.build(chunks, self.kv, self.backend)
         with attention.use_context(ctx), lora_layers.use_batch(lora_batch):
-            return self._decoder(input_ids=input_ids[None], position_ids=positions[None], cache=cache,
-                                 use_cache=cache is not None).last_hidden_state[0]
+            extra = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+            return self._decoder(input_ids=input_ids[None], position_ids=positions[None], **extra).last_hidden_state[0]
 
     # -- text -----------------------------------------------------------------------------
 

@@ -1,0 +1,243 @@
+"""The coverage check: one architecture of the zoo through the model driver, against
+transformers' own ``generate``.
+
+``check(arch, root)`` builds the tiny checkpoint (``model_zoo.build``), loads it through
+``ModelDriver`` (CPU, float32, 4-token blocks) and, unless the driver refuses it at load with
+a ``ValueError``, compares greedy output token for token with ``generate`` in four ways:
+
+- alone:   each prompt (5, 23, 41, 70 tokens, as the context allows) on its own;
+- batched: all prompts in one run, joining at different steps (prefills beside decodes);
+- chunked: the longest prompt prefilled 13 tokens a step while the shortest decodes;
+- forked:  a sequence forked after a few decodes: the child shares the parent's full blocks,
+           gets a copy of the partial one (copy-on-write) and its own next input; both go on;
+- swapped: a sequence's blocks swapped out to host memory after a few decodes and back into
+           other device blocks, beside a sequence that keeps running;
+- recomputed: a sequence's KV dropped after a few decodes and rebuilt by one prefill of its
+           prompt and output so far (the kernel's recompute preemption).
+
+The verdict is one ``Row``: EXACT, REFUSED (the reason), NOT_BUILT (the reason), or — the
+bug the driver must never have — WRONG (where the first token differs) or FAILS (the error).
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import torch
+
+import model_zoo
+from fixtures_models import Seq, ToyScheduler, hf_greedy, hf_model, prompt_of
+from llmos.drivers.model import ModelDriver
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 96              # ToyScheduler's pool (it asserts this size); the batched run takes 85
+NUM_HOST_BLOCKS = 32
+PROMPT_LENGTHS = (5, 23, 41, 70)
+NUM_NEW = 48
+CHUNK = 13
+MIN_DISTINCT = 4             # fewer distinct tokens in a continuation: equality proves little
+FORK_AFTER = 6               # steps before a fork, swap or recompute: mid-block
+FORK_INPUT = [17, 33, 65]    # what the child is given after the fork
+
+
+class Verdict(enum.Enum):
+    EXACT = "exact"
+    REFUSED = "refused"
+    NOT_BUILT = "not built"
+    WRONG = "WRONG"
+    FAILS = "FAILS"
+
+    @property
+    def ok(self) -> bool:
+        """Exact, or refused/not built with a reason: what the sweep allows."""
+        return self in (Verdict.EXACT, Verdict.REFUSED, Verdict.NOT_BUILT)
+
+
+@dataclass
+class Row:
+    arch: str
+    verdict: Verdict
+    detail: str = ""
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        text = self.verdict.value + (f": {self.detail}" if self.detail else "")
+        return f"{self.arch}: {text}"
+
+
+def check(arch: str, root) -> Row:
+    """The verdict on ``arch``; its checkpoint is built under ``root`` (once)."""
+    start = time.perf_counter()
+    row = _check(arch, root)
+    row.seconds = time.perf_counter() - start
+    hf_model.cache_clear()
+    return row
+
+
+def _check(arch: str, root) -> Row:
+    try:
+        path = model_zoo.build(arch, root)
+    except model_zoo.NotBuilt as exc:
+        return Row(arch, Verdict.NOT_BUILT, str(exc))
+    try:                                # what transformers itself cannot run is no test of the driver
+        with torch.inference_mode():
+            hf_model(path)(input_ids=torch.tensor([prompt_of(8)]))
+    except Exception as exc:
+        return Row(arch, Verdict.NOT_BUILT, f"transformers itself cannot run it: {_error(exc)}")
+    try:
+        driver = ModelDriver(path, device="cpu", dtype="float32", block_size=BLOCK_SIZE)
+    except ValueError as exc:
+        return Row(arch, Verdict.REFUSED, _one_line(exc))
+    except Exception as exc:            # a load must refuse with a reason, not crash
+        return Row(arch, Verdict.FAILS, f"at load: {_error(exc)}")
+    driver.allocate_kv(NUM_BLOCKS, NUM_HOST_BLOCKS)
+    lengths = [n for n in PROMPT_LENGTHS if n + NUM_NEW + len(FORK_INPUT) <= driver.max_model_len]
+    if not lengths:
+        return Row(arch, Verdict.REFUSED, f"context of {driver.max_model_len} tokens is too short to check")
+    prompts = {n: prompt_of(n, offset=n) for n in lengths}
+    try:
+        expected = {n: hf_greedy(path, p, NUM_NEW) for n, p in prompts.items()}
+    except Exception as exc:
+        return Row(arch, Verdict.NOT_BUILT, f"transformers' own generate fails: {_error(exc)}")
+    problems = []
+    for name, scenario in SCENARIOS.items():
+        try:
+            problems += [f"{name}, {p}" for p in scenario(driver, path, prompts, expected)]
+        except Exception as exc:
+            problems.append(f"{name}: {_error(exc)}")
+    failed = [p for p in problems if "differs" not in p]
+    if failed:
+        return Row(arch, Verdict.FAILS, "; ".join(failed[:2]))
+    if problems:
+        return Row(arch, Verdict.WRONG, "; ".join(problems[:3]))
+    notes = []
+    if len(lengths) < len(PROMPT_LENGTHS):
+        notes.append(f"prompts of {', '.join(map(str, lengths))} tokens only: the driver's context is "
+                     f"{driver.max_model_len}")
+    if min(len(set(tokens)) for tokens in expected.values()) < MIN_DISTINCT:
+        notes.append("a weak check: the random model's greedy output repeats a few tokens")
+    return Row(arch, Verdict.EXACT, "; ".join(notes))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_one_line(exc)}"[:240]
+
+
+def _compare(what: str, got: list[int], want: list[int]) -> list[str]:
+    """[] if equal, else where the first token differs."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return [f"{what}: token {i} of {len(want)} differs (got {a}, want {b})"]
+    if len(got) != len(want):
+        return [f"{what}: {len(got)} tokens, want {len(want)}"]
+    return []
+
+
+def alone(driver, path, prompts, expected) -> list[str]:
+    problems = []
+    for n, prompt in prompts.items():
+        sched = ToyScheduler(driver)
+        seq = sched.add(1, prompt, NUM_NEW)
+        sched.run()
+        wrong = _compare(f"prompt {n}", seq.output, expected[n])
+        if wrong and seq.output == uncached_greedy(path, prompt, NUM_NEW):
+            wrong = [f"{wrong[0]} (= transformers' own forward without a cache)"]
+        problems += wrong
+    return problems
+
+
+@torch.inference_mode()
+def uncached_greedy(path: str, prompt: list[int], num_new: int) -> list[int]:
+    """Greedy continuation by the model's whole forward pass at every step, no KV cache: tells
+    a driver bug from transformers' cache disagreeing with its own forward."""
+    model, ids = hf_model(path), list(prompt)
+    for _ in range(num_new):
+        ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def batched(driver, path, prompts, expected) -> list[str]:
+    """Two sequences start together; the others join after a few steps, beside decodes."""
+    sched = ToyScheduler(driver)
+    lengths = list(prompts)
+    for i, n in enumerate(lengths):
+        sched.add(n, prompts[n], NUM_NEW)
+        if i >= 1:
+            sched.step()
+            sched.step()
+    sched.run()
+    return [p for n in lengths for p in _compare(f"prompt {n}", sched.seqs[n].output, expected[n])]
+
+
+def chunked(driver, path, prompts, expected) -> list[str]:
+    longest, shortest = max(prompts), min(prompts)
+    sched = ToyScheduler(driver)
+    sched.add(longest, prompts[longest], NUM_NEW, chunk=CHUNK)
+    if shortest != longest:
+        sched.add(shortest, prompts[shortest], NUM_NEW)
+    sched.run()
+    return [p for n in {longest, shortest}
+            for p in _compare(f"prompt {n}", sched.seqs[n].output, expected[n])]
+
+
+def forked(driver, path, prompts, expected) -> list[str]:
+    """Fork mid-block: full blocks shared, the partial one copied in the child's first step."""
+    n = sorted(prompts)[len(prompts) // 2]
+    sched = ToyScheduler(driver)
+    parent = sched.add(1, prompts[n], NUM_NEW)
+    for _ in range(FORK_AFTER):
+        sched.step()
+    bs = driver.block_size
+    shared = parent.num_computed // bs
+    child_prompt = parent.tokens + FORK_INPUT
+    own = sched.alloc(len(child_prompt) + NUM_NEW - shared * bs)
+    child = Seq(2, list(child_prompt), len(child_prompt), NUM_NEW, parent.block_ids[:shared] + own,
+                num_computed=parent.num_computed)
+    sched.seqs[2] = child
+    copies = [(parent.block_ids[shared], own[0])] if parent.num_computed % bs else []
+    sched.step(copies=copies)
+    sched.run()
+    return (_compare(f"parent (prompt {n})", parent.output, expected[n])
+            + _compare(f"child ({len(child_prompt)} tokens)", child.output,
+                       hf_greedy(path, child_prompt, NUM_NEW)))
+
+
+def swapped(driver, path, prompts, expected) -> list[str]:
+    """Swap a sequence out to host blocks and back into other device blocks, two steps in
+    which another sequence goes on decoding."""
+    n, other = sorted(prompts)[len(prompts) // 2], min(prompts)
+    sched = ToyScheduler(driver)
+    for m in {n, other}:
+        sched.add(m, prompts[m], NUM_NEW)
+    for _ in range(FORK_AFTER):
+        sched.step()
+    seq = sched.seqs.pop(n)                        # off the device
+    used = -(-seq.num_computed // driver.block_size)
+    host, moved = list(range(used)), sched.alloc(len(seq.block_ids) * driver.block_size)
+    sched.step(swap_out=list(zip(seq.block_ids[:used], host)))
+    sched.step(swap_in=list(zip(host, moved[:used])))
+    seq.block_ids = moved
+    sched.seqs[n] = seq
+    sched.run()
+    return [p for m in sched.seqs for p in _compare(f"prompt {m}", sched.seqs[m].output, expected[m])]
+
+
+def recomputed(driver, path, prompts, expected) -> list[str]:
+    """Drop a sequence's KV and rebuild it in fresh blocks from its tokens in one prefill."""
+    n = max(prompts)
+    sched = ToyScheduler(driver)
+    seq = sched.add(1, prompts[n], NUM_NEW)
+    for _ in range(FORK_AFTER):
+        sched.step()
+    seq.block_ids, seq.num_computed = sched.alloc(len(seq.block_ids) * driver.block_size), 0
+    sched.run()
+    return _compare(f"prompt {n}", seq.output, expected[n])
+
+
+SCENARIOS = {"alone": alone, "batched": batched, "chunked": chunked, "forked": forked, "swapped": swapped,
+             "recomputed": recomputed}

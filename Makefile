@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench docs clean
+.PHONY: install test test-models demo bench docs clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not models"
+	$(MAKE) test-models
+
+# Every causal LM of the installed transformers, tiny and random: exact or refused at load
+# (about 4 minutes on 2 cores).
+test-models: install
+	$(VENV)/bin/pytest -q -m models tests/test_model_zoo.py
 
 demo: install
 	$(PY) -m llmos.userland.demo

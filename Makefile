@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-models demo bench docs clean
+.PHONY: install test test-models docs-models demo bench docs clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 # (about 4 minutes on 2 cores).
 test-models: install
 	$(VENV)/bin/pytest -q -m models tests/test_model_zoo.py
+
+# docs/models.md from a real sweep (exits 1, after writing, if a row is WRONG or FAILS)
+docs-models: install
+	$(PY) tests/model_table.py docs/models.md
 
 demo: install
 	$(PY) -m llmos.userland.demo

@@ -3,13 +3,14 @@ transformers' own ``generate``.
 
 ``check(arch, root)`` builds the tiny checkpoint (``model_zoo.build``), loads it through
 ``ModelDriver`` (CPU, float32, 4-token blocks) and, unless the driver refuses it at load with
-a ``ValueError``, compares greedy output token for token with ``generate`` in four ways:
+a ``ValueError``, compares greedy output token for token with ``generate`` in six ways:
 
 - alone:   each prompt (5, 23, 41, 70 tokens, as the context allows) on its own;
 - batched: all prompts in one run, joining at different steps (prefills beside decodes);
 - chunked: the longest prompt prefilled 13 tokens a step while the shortest decodes;
 - forked:  a sequence forked after a few decodes: the child shares the parent's full blocks,
-           gets a copy of the partial one (copy-on-write) and its own next input; both go on;
+           gets copies of the partial one and of any recurrent-state blocks (copy-on-write)
+           and its own next input; both go on;
 - swapped: a sequence's blocks swapped out to host memory after a few decodes and back into
            other device blocks, beside a sequence that keeps running;
 - recomputed: a sequence's KV dropped after a few decodes and rebuilt by one prefill of its
@@ -31,7 +32,7 @@ from fixtures_models import Seq, ToyScheduler, hf_greedy, hf_model, prompt_of
 from llmos.drivers.model import ModelDriver
 
 BLOCK_SIZE = 4
-NUM_BLOCKS = 96              # ToyScheduler's pool (it asserts this size); the batched run takes 85
+NUM_BLOCKS = 192             # the batched run takes 85 (and each sequence its state blocks)
 NUM_HOST_BLOCKS = 32
 PROMPT_LENGTHS = (5, 23, 41, 70)
 NUM_NEW = 48
@@ -91,10 +92,12 @@ def _check(arch: str, root) -> Row:
         return Row(arch, Verdict.REFUSED, _one_line(exc))
     except Exception as exc:            # a load must refuse with a reason, not crash
         return Row(arch, Verdict.FAILS, f"at load: {_error(exc)}")
-    driver.allocate_kv(NUM_BLOCKS, NUM_HOST_BLOCKS)
+    k = driver.state_blocks                 # recurrent state: blocks at the front of every table
+    driver.allocate_kv(NUM_BLOCKS + 16 * k, NUM_HOST_BLOCKS + k)
     lengths = [n for n in PROMPT_LENGTHS if n + NUM_NEW + len(FORK_INPUT) <= driver.max_model_len]
     if not lengths:
-        return Row(arch, Verdict.REFUSED, f"context of {driver.max_model_len} tokens is too short to check")
+        return Row(arch, Verdict.NOT_BUILT, f"the driver's context of {driver.max_model_len} tokens is too short "
+                                            f"to check")
     prompts = {n: prompt_of(n, offset=n) for n in lengths}
     try:
         expected = {n: hf_greedy(path, p, NUM_NEW) for n, p in prompts.items()}
@@ -120,6 +123,28 @@ def _check(arch: str, root) -> Row:
     return Row(arch, Verdict.EXACT, "; ".join(notes))
 
 
+class Scheduler(ToyScheduler):
+    """ToyScheduler over the driver's whole pool that, like the kernel's block manager, never
+    rewrites a block another sequence shares: a sequence that must recompute its KV (its rope
+    variant changed) gets fresh blocks if a fork shares its own."""
+
+    def alloc(self, num_tokens: int) -> list[int]:
+        n = -(-num_tokens // self.driver.block_size) + self.driver.state_blocks
+        ids = list(range(self.next_block, self.next_block + n))
+        self.next_block += n
+        assert self.next_block <= self.driver.kv.num_blocks, "the check's pool is too small"
+        return ids
+
+    def step(self, **moves):
+        result = super().step(**moves)
+        for seq in self.seqs.values():
+            if seq.num_computed == 0 and not seq.done:
+                shared = {b for other in self.seqs.values() if other is not seq for b in other.block_ids}
+                if shared & set(seq.block_ids):
+                    seq.block_ids = _blocks(self, len(seq.block_ids))
+        return result
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -141,7 +166,7 @@ def _compare(what: str, got: list[int], want: list[int]) -> list[str]:
 def alone(driver, path, prompts, expected) -> list[str]:
     problems = []
     for n, prompt in prompts.items():
-        sched = ToyScheduler(driver)
+        sched = Scheduler(driver)
         seq = sched.add(1, prompt, NUM_NEW)
         sched.run()
         wrong = _compare(f"prompt {n}", seq.output, expected[n])
@@ -163,7 +188,7 @@ def uncached_greedy(path: str, prompt: list[int], num_new: int) -> list[int]:
 
 def batched(driver, path, prompts, expected) -> list[str]:
     """Two sequences start together; the others join after a few steps, beside decodes."""
-    sched = ToyScheduler(driver)
+    sched = Scheduler(driver)
     lengths = list(prompts)
     for i, n in enumerate(lengths):
         sched.add(n, prompts[n], NUM_NEW)
@@ -176,7 +201,7 @@ def batched(driver, path, prompts, expected) -> list[str]:
 
 def chunked(driver, path, prompts, expected) -> list[str]:
     longest, shortest = max(prompts), min(prompts)
-    sched = ToyScheduler(driver)
+    sched = Scheduler(driver)
     sched.add(longest, prompts[longest], NUM_NEW, chunk=CHUNK)
     if shortest != longest:
         sched.add(shortest, prompts[shortest], NUM_NEW)
@@ -185,21 +210,29 @@ def chunked(driver, path, prompts, expected) -> list[str]:
             for p in _compare(f"prompt {n}", sched.seqs[n].output, expected[n])]
 
 
+def _blocks(sched: Scheduler, count: int) -> list[int]:
+    """``count`` fresh block ids (alloc counts the model's state blocks in)."""
+    return sched.alloc((count - sched.driver.state_blocks) * sched.driver.block_size)
+
+
 def forked(driver, path, prompts, expected) -> list[str]:
-    """Fork mid-block: full blocks shared, the partial one copied in the child's first step."""
+    """Fork mid-block, as the kernel does: the child shares the parent's full KV blocks and gets
+    copies of its recurrent-state blocks (if any) and of its partial block, in its first step."""
     n = sorted(prompts)[len(prompts) // 2]
-    sched = ToyScheduler(driver)
+    sched = Scheduler(driver)
     parent = sched.add(1, prompts[n], NUM_NEW)
     for _ in range(FORK_AFTER):
         sched.step()
-    bs = driver.block_size
-    shared = parent.num_computed // bs
+    k, bs = driver.state_blocks, driver.block_size
+    num_full, partial = divmod(parent.num_computed, bs)
     child_prompt = parent.tokens + FORK_INPUT
-    own = sched.alloc(len(child_prompt) + NUM_NEW - shared * bs)
-    child = Seq(2, list(child_prompt), len(child_prompt), NUM_NEW, parent.block_ids[:shared] + own,
-                num_computed=parent.num_computed)
-    sched.seqs[2] = child
-    copies = [(parent.block_ids[shared], own[0])] if parent.num_computed % bs else []
+    own = sched.alloc(len(child_prompt) + NUM_NEW - num_full * bs)        # state blocks first
+    table = own[:k] + parent.block_ids[k:k + num_full] + own[k:]
+    copies = list(zip(parent.block_ids[:k], own[:k]))
+    if partial:
+        copies.append((parent.block_ids[k + num_full], own[k]))
+    sched.seqs[2] = child = Seq(2, list(child_prompt), len(child_prompt), NUM_NEW, table,
+                                num_computed=parent.num_computed)
     sched.step(copies=copies)
     sched.run()
     return (_compare(f"parent (prompt {n})", parent.output, expected[n])
@@ -211,14 +244,14 @@ def swapped(driver, path, prompts, expected) -> list[str]:
     """Swap a sequence out to host blocks and back into other device blocks, two steps in
     which another sequence goes on decoding."""
     n, other = sorted(prompts)[len(prompts) // 2], min(prompts)
-    sched = ToyScheduler(driver)
+    sched = Scheduler(driver)
     for m in {n, other}:
         sched.add(m, prompts[m], NUM_NEW)
     for _ in range(FORK_AFTER):
         sched.step()
     seq = sched.seqs.pop(n)                        # off the device
-    used = -(-seq.num_computed // driver.block_size)
-    host, moved = list(range(used)), sched.alloc(len(seq.block_ids) * driver.block_size)
+    used = driver.state_blocks + -(-seq.num_computed // driver.block_size)
+    host, moved = list(range(used)), _blocks(sched, len(seq.block_ids))
     sched.step(swap_out=list(zip(seq.block_ids[:used], host)))
     sched.step(swap_in=list(zip(host, moved[:used])))
     seq.block_ids = moved
@@ -230,11 +263,11 @@ def swapped(driver, path, prompts, expected) -> list[str]:
 def recomputed(driver, path, prompts, expected) -> list[str]:
     """Drop a sequence's KV and rebuild it in fresh blocks from its tokens in one prefill."""
     n = max(prompts)
-    sched = ToyScheduler(driver)
+    sched = Scheduler(driver)
     seq = sched.add(1, prompts[n], NUM_NEW)
     for _ in range(FORK_AFTER):
         sched.step()
-    seq.block_ids, seq.num_computed = sched.alloc(len(seq.block_ids) * driver.block_size), 0
+    seq.block_ids, seq.num_computed = _blocks(sched, len(seq.block_ids)), 0
     sched.run()
     return _compare(f"prompt {n}", seq.output, expected[n])
 

@@ -7,6 +7,7 @@ exact / refused: reason / not built: reason (and any WRONG / FAILS row) from thi
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ def run(archs: list[str]) -> list[Row]:
     torch.set_num_threads(1)          # tiny models: threads only cost (see test_model_zoo.py)
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmos-zoo-") as root:
+        os.environ["LLMOS_SELFCHECK_CACHE"] = os.path.join(root, "selfcheck")  # check every load afresh
         for arch in archs:
             row = model_check.check(arch, root)
             print(f"{row.seconds:6.1f}s  {row}", flush=True)

@@ -21,7 +21,9 @@ FAST = {
     "gpt_oss": Verdict.EXACT,             # attention sinks, sliding layers, MoE
     "qwen3_moe": Verdict.EXACT,
     "gpt2": Verdict.EXACT,                # learned positions, Conv1D projections
-    "phi3+longrope": Verdict.EXACT,       # length-dependent rope: the context stops at the switch
+    "phi3+longrope": Verdict.EXACT,       # long rope factors past 64 tokens, per sequence
+    "deepseek_v3": Verdict.EXACT,         # MLA: values narrower than keys
+    "lfm2": Verdict.EXACT,                # short convolutions: recurrent state beside the KV
     "bloom": Verdict.REFUSED,             # ALiBi outside the attention interface
     "falcon": Verdict.REFUSED,
 }

@@ -34,8 +34,9 @@ architecture of the installed transformers ({{versions}}); the same sweep is the
   equals transformers' own `generate` token for token — {NUM_NEW} new tokens, no EOS, for prompts
   of {", ".join(map(str, PROMPT_LENGTHS))} tokens as the context allows (longer than any window) —
   alone; batched, joining at different steps; with chunked prefill ({model_check.CHUNK} tokens a step);
-  forked mid-block (the child shares full blocks and copies the partial one); swapped out to
-  host memory and back into other blocks; and recomputed from its tokens after losing its KV.
+  forked mid-block (the child shares full blocks and copies the partial one and any
+  recurrent-state blocks); swapped out to host memory and back into other blocks; and
+  recomputed from its tokens after losing its KV.
 - **refused**: the driver raises at load with the reason shown; it never serves the model.
 - **not built**: the tiny model cannot be made or run here, by transformers itself — the reason
   is shown (no network, no remote code, packages not installed, not a text causal LM).

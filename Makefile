@@ -22,7 +22,7 @@ test: install
 	$(MAKE) test-models
 
 # Every causal LM of the installed transformers, tiny and random: exact or refused at load
-# (about 4 minutes on 2 cores).
+# (6-8 minutes on 2 cores).
 test-models: install
 	$(VENV)/bin/pytest -q -m models tests/test_model_zoo.py
 

@@ -79,6 +79,17 @@ class ModelDriver:
         self.num_layers = text.num_hidden_layers
         self.rope = rope.SequenceRope(self.model, attention.rope_spans)
         self.max_model_len = rope.context_len(text)
+        # Llama-4 scales the queries of its NoPE layers by position, which it takes from the row
+        # index of the pass (plus a cache length): exact while every row index and position is
+        # below ``floor_scale``, where the scale starts to grow. Context and packed batch stop there.
+        self.max_packed_tokens: int | None = None
+        if self.architecture in WINDOW_IS_CONTEXT and getattr(text, "sliding_window", None):
+            self.max_model_len = min(self.max_model_len, int(text.sliding_window))
+        if getattr(text, "attention_chunk_size", None):   # chunked attention (Llama 4): one chunk, exact
+            self.max_model_len = min(self.max_model_len, int(text.attention_chunk_size))
+        if getattr(text, "attn_temperature_tuning", False) and getattr(text, "floor_scale", None):
+            self.max_packed_tokens = int(text.floor_scale) - 1
+            self.max_model_len = min(self.max_model_len, self.max_packed_tokens)
         self.eos_token_ids = self._find_eos_ids()
         self._logit_scale = float(getattr(text, "logit_scale", None) or 1.0) / float(
             getattr(text, "logits_scaling", None) or 1.0)
@@ -110,7 +121,7 @@ class ModelDriver:
                               position_ids=torch.tensor([[0]], device=self.device.torch_device), **extra)
             recurrent = state.RecurrentState(self.config, cache) if kinds else None
         except Exception as exc:
-            raise ValueError(f"{self.architecture}: its forward pass fails on one token at load "
+            raise ValueError(f"{self.architecture}: the paged path fails on one token at load "
                              f"({type(exc).__name__}: {exc})"[:400]) from exc
         if kinds and not probing.calls:
             raise ValueError(f"{self.architecture}: it has no attention layers, only {'/'.join(kinds)} ones; "
@@ -169,6 +180,9 @@ class ModelDriver:
         self.kv.copy(plan.copies)
         if not plan.chunks:
             return StepResult(plan.step_id)
+        if self.max_packed_tokens is not None and plan.num_tokens > self.max_packed_tokens:
+            raise ValueError(f"{plan.num_tokens} tokens in one pass: this model serves at most "
+                             f"{self.max_packed_tokens}")
         for c in plan.chunks:
             if c.end_pos > self.max_model_len:
                 raise ValueError(f"pid {c.pid}: position {c.end_pos} exceeds max_model_len "
@@ -247,6 +261,11 @@ class ModelDriver:
     def __repr__(self) -> str:
         return (f"ModelDriver({self.name!r}, {self.architecture}, {self.dtype}, "
                 f"device={self.device.torch_device})")
+
+
+# Past its sliding window, transformers' generate for these disagrees with their own forward pass
+# (which the paged path matches): their context stops at the window (Moshi's equals its context).
+WINDOW_IS_CONTEXT = ("MoshiForCausalLM",)
 
 
 def _architecture_of(model_path: str) -> str:

@@ -42,7 +42,7 @@ class _Module:
     def key(self, pos: int, prompt_len: int, seq_len: int) -> int:
         """0: the frequencies of short sequences; else the length transformers would use."""
         if self.kind == "longrope":
-            return seq_len if seq_len > self.original else 0
+            return 1 if seq_len > self.original else 0           # one long set for every longer length
         length = max(pos + 1, prompt_len)
         return length if length > self.limit else 0
 
@@ -51,7 +51,7 @@ class _Module:
         if key == 0:
             return m.original_inv_freq.to(device), m.attention_scaling
         if self.kind == "longrope":
-            key = self.original + 1                              # one long set for every longer length
+            key = self.original + 1                              # the length transformers computes them for
         if key not in self.freqs:
             inv, scale = ROPE_INIT_FUNCTIONS[self.kind](m.config, device, seq_len=key)
             self.freqs[key] = inv.to(device), (m.attention_scaling if self.kind == "longrope" else scale)

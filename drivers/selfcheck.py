@@ -69,7 +69,7 @@ def check_cached(driver, model_path: str) -> None:
 def check(driver) -> None:
     """Raise ``ValueError`` naming why ``driver``'s model cannot be served exactly."""
     vocab = driver.config.get_text_config().vocab_size
-    total = FIRST_CHUNK + SECOND_CHUNK + NUM_DECODES
+    total = min(FIRST_CHUNK + SECOND_CHUNK + NUM_DECODES, driver.max_model_len)
     ids = [(3 + 7 * i) % vocab for i in range(total)]
     try:
         paged = _paged_logits(driver, ids)

@@ -48,7 +48,7 @@ def _make_engine(cfg, device, table, shares, entry: ModelEntry, driver, free_byt
     driver.allocate_kv(num_blocks, num_host)
     sched = Scheduler(SchedulerConfig(
         num_blocks=num_blocks, num_host_blocks=num_host, block_size=cfg.block_size,
-        max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=min(cfg.max_num_batched_tokens, driver.max_packed_tokens or cfg.max_num_batched_tokens),
         max_model_len=max_len, preempt_mode=cfg.preempt_mode,
         eos_token_ids=frozenset(driver.eos_token_ids), max_adapters_per_step=cfg.adapter_slots),
         table=table, shares=shares, kv_variant=driver.rope.variant, state_blocks=state)

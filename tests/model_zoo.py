@@ -68,7 +68,7 @@ IF_SET = {**dict.fromkeys(("sliding_window", "attention_chunk_size", "sliding_wi
                            "attention_window_size", "keep_window_size"), SLIDING_WINDOW),
           "rotary_dim": 8, "kv_channels": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
           "swa_head_dim": 16, "router_hidden_size": 16, "zero_expert_num": 2,
-          "floor_scale": SLIDING_WINDOW}   # Llama 4 scales attention temperature past floor_scale
+          "floor_scale": 128}   # Llama 4 scales attention temperature past floor_scale (its context stops there)
 CAPPED = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions")
 
 # Dots 3 keeps its sliding layers' sizes apart (swa_*); Qwen4-Exp's indexed attention needs its indexer.
@@ -87,6 +87,10 @@ OVERRIDES: dict[str, dict] = {
     "opt": dict(init_std=0.4),
     "blt": dict(encoder_hash_byte_group_vocab=64),
     "bamba": dict(attn_layer_indices=[1, 3]),
+    # Llama 4's chunked attention is served within one chunk: a chunk that leaves room to check
+    "llama4_text": dict(attention_chunk_size=127),
+    "llama4": dict(text_config={"attention_chunk_size": 127}),
+    "moshi": dict(sliding_window=MAX_POSITIONS),      # as in the real model: its window is its context
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "dbrx": dict(attn_config={"rope_theta": 1e4, "kv_n_heads": 2, "clip_qkv": 8.0},  # it reads rope_theta there
                  ffn_config={"hidden_size": 64, "ffn_hidden_size": 128, "moe_top_k": 2}),

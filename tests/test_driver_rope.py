@@ -64,6 +64,7 @@ def test_dynamic_ntk_serves_past_its_nominal_length_and_longrope_to_its_own(mode
 def test_a_longrope_sequence_changes_kv_variant_only_where_it_crosses(models):
     rope = load_driver(models["longrope"]).rope
     assert rope.variant(5, THRESHOLD) == rope.variant(5, 1) != rope.variant(5, THRESHOLD + 1)
+    assert rope.variant(5, THRESHOLD + 1) == rope.variant(5, THRESHOLD + 50)     # crossing once: one recompute
     dynamic = load_driver(models["dynamic"]).rope
     assert dynamic.variant(5, 100) == dynamic.variant(THRESHOLD, 100) != dynamic.variant(THRESHOLD + 1, 100)
 

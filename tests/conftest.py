@@ -6,6 +6,9 @@ import os
 # Triton reads TRITON_INTERPRET when it is first imported, and torch imports it with
 # transformers: choose the interpreter (CPU Triton tests) before any test module loads torch.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny models on a small shared machine: a second OpenMP thread only adds stalls (a tiny matmul
+# takes milliseconds with two threads against microseconds with one). Kernels inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The load-time check remembers passes; the suite keeps its memory to itself (kernels inherit it).
 os.environ.setdefault("LLMOS_SELFCHECK_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                             f"llmos-selfcheck-{os.getpid()}"))

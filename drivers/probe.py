@@ -16,6 +16,7 @@ import torch
 
 ATTRIBUTE = "llmos_kv_layer"
 
+
 @dataclass
 class Probe:
     """Installed in place of an ``AttentionContext`` while probing."""

@@ -46,8 +46,13 @@ def hf_model(path: str):
 
 def hf_greedy(path: str, prompt: list[int], num_new: int) -> list[int]:
     """transformers' own greedy continuation (default attention), exactly ``num_new`` tokens:
-    no EOS, so nothing stops early and no logits processor touches the scores."""
+    no EOS, so nothing stops early and no logits processor touches the scores. Each call starts
+    as a freshly loaded model would: transformers' dynamic NTK rope keeps the frequencies of the
+    longest sequence it has seen from one ``generate`` call to the next."""
     model = hf_model(path)
+    for m in model.modules():
+        if hasattr(m, "max_seq_len_cached") and hasattr(m, "original_inv_freq"):
+            m.inv_freq, m.max_seq_len_cached = m.original_inv_freq.clone(), m.original_max_seq_len
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new,

@@ -2,13 +2,12 @@
 frequencies from each sequence's own length — batched beside sequences on the other side of
 the threshold, across the threshold (Phi-3 recomputes its KV there), with chunked prefill, and
 through the kernel under a small KV pool — while linear, YaRN and llama3 are plain functions of
-position. The reference is a freshly loaded transformers model per generation: its dynamic NTK
-state carries over from one ``generate`` call to the next."""
+position. The reference starts each generation as a freshly loaded model (``hf_greedy``)."""
 import pytest
 import transformers
 
 from conftest import KernelProc
-from fixtures_models import ToyScheduler, hf_greedy, hf_model, load_driver, prompt_of
+from fixtures_models import ToyScheduler, hf_greedy, load_driver, prompt_of
 from test_driver_selfcheck import build
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -41,11 +40,6 @@ def models():
     return {name: build(config_class, **SMALL, **extra) for name, (config_class, extra) in ROPES.items()}
 
 
-def fresh_greedy(path, prompt, num_new):
-    hf_model.cache_clear()
-    return hf_greedy(path, prompt, num_new)
-
-
 @pytest.mark.parametrize("kind", sorted(ROPES))
 def test_every_sequence_gets_the_frequencies_of_its_own_length(models, kind):
     path = models[kind]
@@ -53,7 +47,7 @@ def test_every_sequence_gets_the_frequencies_of_its_own_length(models, kind):
     seqs = [sched.add(i + 1, p, NEW, chunk=7 if i % 2 else None) for i, p in enumerate(PROMPTS)]
     sched.run()
     for seq, prompt in zip(seqs, PROMPTS):
-        assert seq.output == fresh_greedy(path, prompt, NEW), f"prompt of {len(prompt)} tokens"
+        assert seq.output == hf_greedy(path, prompt, NEW), f"prompt of {len(prompt)} tokens"
 
 
 def test_dynamic_ntk_serves_past_its_nominal_length_and_longrope_to_its_own(models):
@@ -87,4 +81,4 @@ def test_through_the_kernel_with_preemption_and_prefix_sharing(models, kind):
     finally:
         kernel.cleanup()
     for prompt, result in zip(prompts, results):
-        assert result["token_ids"] == fresh_greedy(path, prompt, 24), f"prompt of {len(prompt)} tokens"
+        assert result["token_ids"] == hf_greedy(path, prompt, 24), f"prompt of {len(prompt)} tokens"

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from conftest import KernelProc
-from fixtures_models import ToyScheduler, hf_greedy, hf_model, load_driver, prompt_of
+from fixtures_models import ToyScheduler, hf_greedy, load_driver, prompt_of
 from test_driver_selfcheck import build
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
@@ -31,11 +31,6 @@ def models():
     return {name: build(config_class, **SMALL, **extra) for name, (config_class, extra) in HYBRIDS.items()}
 
 
-def fresh_greedy(path, prompt, num_new):
-    hf_model.cache_clear()
-    return hf_greedy(path, prompt, num_new)
-
-
 @pytest.mark.parametrize("arch", sorted(HYBRIDS))
 def test_alone_batched_and_chunked_are_exact(models, arch):
     path = models[arch]
@@ -46,7 +41,7 @@ def test_alone_batched_and_chunked_are_exact(models, arch):
     seqs = [sched.add(i + 1, p, NEW, chunk=5 if i == 2 else None) for i, p in enumerate(prompts)]
     sched.run()
     for seq, prompt in zip(seqs, prompts):
-        assert seq.output == fresh_greedy(path, prompt, NEW), f"prompt of {len(prompt)} tokens"
+        assert seq.output == hf_greedy(path, prompt, NEW), f"prompt of {len(prompt)} tokens"
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
@@ -69,7 +64,7 @@ def test_a_fork_copies_the_state_blocks_and_continues_like_its_parent(models, ar
     kv.k[:, ids], kv.v[:, ids] = torch.randn_like(kv.k[:, ids]), torch.randn_like(kv.v[:, ids])
     sched.step(copies=list(zip(state + [partial], own[:k] + own[k:k + 1])))
     sched.run()
-    expected = fresh_greedy(path, prompt, NEW)
+    expected = hf_greedy(path, prompt, NEW)
     assert parent.output == expected and child.output == expected
 
 
@@ -96,8 +91,8 @@ def test_through_the_kernel_under_preemption_chunked_prefill_and_fork(models, ar
     finally:
         kernel.cleanup()
     for prompt, result in zip(low + [urgent], results):
-        assert result["token_ids"] == fresh_greedy(path, prompt, 24), f"prompt of {len(prompt)} tokens"
+        assert result["token_ids"] == hf_greedy(path, prompt, 24), f"prompt of {len(prompt)} tokens"
     key = "swaps" if mode == "swap" else "recomputes"
     assert sum(r["accounting"][key] for r in results) >= 1
-    want = fresh_greedy(path, p, 20)
+    want = hf_greedy(path, p, 20)
     assert [r["token_ids"] for r in forked] == [want, want]

@@ -78,18 +78,7 @@ class ModelDriver:
         text = self.config.get_text_config()
         self.num_layers = text.num_hidden_layers
         self.rope = rope.SequenceRope(self.model, attention.rope_spans)
-        self.max_model_len = rope.context_len(text)
-        # Llama-4 scales the queries of its NoPE layers by position, which it takes from the row
-        # index of the pass (plus a cache length): exact while every row index and position is
-        # below ``floor_scale``, where the scale starts to grow. Context and packed batch stop there.
-        self.max_packed_tokens: int | None = None
-        if self.architecture in WINDOW_IS_CONTEXT and getattr(text, "sliding_window", None):
-            self.max_model_len = min(self.max_model_len, int(text.sliding_window))
-        if getattr(text, "attention_chunk_size", None):   # chunked attention (Llama 4): one chunk, exact
-            self.max_model_len = min(self.max_model_len, int(text.attention_chunk_size))
-        if getattr(text, "attn_temperature_tuning", False) and getattr(text, "floor_scale", None):
-            self.max_packed_tokens = int(text.floor_scale) - 1
-            self.max_model_len = min(self.max_model_len, self.max_packed_tokens)
+        self.max_model_len, self.max_packed_tokens = limits(self.config)
         self.eos_token_ids = self._find_eos_ids()
         self._logit_scale = float(getattr(text, "logit_scale", None) or 1.0) / float(
             getattr(text, "logits_scaling", None) or 1.0)
@@ -266,6 +255,24 @@ class ModelDriver:
 # Past its sliding window, transformers' generate for these disagrees with their own forward pass
 # (which the paged path matches): their context stops at the window (Moshi's equals its context).
 WINDOW_IS_CONTEXT = ("MoshiForCausalLM",)
+
+
+def limits(config) -> tuple[int, int | None]:
+    """(the longest sequence, the most tokens in one pass or None) a model is served exactly
+    within, from its config: the rope's context (``rope.context_len``), one attention chunk for
+    chunked attention (Llama 4), the window where ``WINDOW_IS_CONTEXT``, and below Llama 4's
+    ``floor_scale``: it scales its NoPE layers' queries by the row index of the pass (plus a
+    cache length), which is the position only while both stay below it."""
+    text = config.get_text_config()
+    context, packed = rope.context_len(text), None
+    if (config.architectures or [None])[0] in WINDOW_IS_CONTEXT and getattr(text, "sliding_window", None):
+        context = min(context, int(text.sliding_window))
+    if getattr(text, "attention_chunk_size", None):
+        context = min(context, int(text.attention_chunk_size))
+    if getattr(text, "attn_temperature_tuning", False) and getattr(text, "floor_scale", None):
+        packed = int(text.floor_scale) - 1
+        context = min(context, packed)
+    return context, packed
 
 
 def _architecture_of(model_path: str) -> str:

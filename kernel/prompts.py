@@ -2,14 +2,15 @@
 or ids, and the context window they must fit."""
 from __future__ import annotations
 
-from llmos.drivers import rope, text
+from llmos.drivers import text
 from llmos.syscalls.errors import SyscallError
 
 
 def context_len(entry) -> int:
     if entry.engine is not None:
         return entry.engine.max_model_len
-    return rope.context_len(entry.config.get_text_config())
+    from llmos.drivers.model import limits
+    return limits(entry.config)[0]
 
 
 def vocab_size(entry) -> int:

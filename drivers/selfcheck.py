@@ -12,7 +12,9 @@ the same checkpoint passed before under the same conditions (see ``fingerprint``
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import transformers
 from llmos.drivers import attention
 from llmos.drivers.batch import SeqChunk
 
+log = logging.getLogger("llmos.driver")
 FIRST_CHUNK, SECOND_CHUNK, NUM_DECODES = 9, 8, 4          # 21 tokens
 # Largest relative logit error the paged path may show: float rounding of a different but
 # exact computation. A model attending to the wrong tokens is off by tens of percent.
@@ -44,9 +47,14 @@ def fingerprint(driver, model_path: str) -> str:
         h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(f"{root}|{driver._torch_dtype}|{driver.device.kind}|{driver.block_size}|{driver.backend.name}|"
              f"{torch.__version__}|{transformers.__version__}".encode())
-    for src in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(src.read_bytes())
+    h.update(_source_digest())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> bytes:
+    """The driver's own source, read once per process."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).digest()
 
 
 def check_cached(driver, model_path: str) -> None:
@@ -62,8 +70,8 @@ def check_cached(driver, model_path: str) -> None:
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)
             mark.write_text(f"{driver.architecture} passed\n")
-        except OSError:
-            pass                            # a read-only home: the check just runs every time
+        except OSError as exc:              # a read-only home: the check runs on every load
+            log.warning("cannot remember the load-time check's pass in %s: %s", mark.parent, exc)
 
 
 def check(driver) -> None:

@@ -86,8 +86,15 @@ class ModelDriver:
         self.kv: PagedKVCache | None = None
         self.lora = lora.AdapterSlots(self.model, adapter_slots, self.device.torch_device)
         self.layout, self.recurrent = self._probe()   # what the cache holds, from the model's own calls
+        # Recurrent-only models (Mamba): tokens keep no KV; a process holds one block, its state.
+        self.token_blocks = self.layout is not None
+        if not self.token_blocks:
+            self.layout = state.state_only_layout(self.recurrent.num_bytes, block_size, torch_dtype)
         # blocks at the front of a process's table that hold its recurrent state (0: none)
         self.state_blocks = self.recurrent.blocks(self.kv_bytes_per_block()) if self.recurrent else 0
+        # Recurrent layers whose code ignores a saved state over more than one new token (Mamba's
+        # scan, Jamba, Zamba) continue one token per pass; the gate finds out which (selfcheck).
+        self.stepwise = False
         selfcheck.check_cached(self, model_path)   # refused here unless the paged path is the model's own
 
     def _find_eos_ids(self) -> set[int]:
@@ -99,25 +106,28 @@ class ModelDriver:
         return ids
 
     @torch.inference_mode()
-    def _probe(self) -> tuple[probe.KVLayout, state.RecurrentState | None]:
+    def _probe(self) -> tuple[probe.KVLayout | None, state.RecurrentState | None]:
         probing, text = probe.Probe(), self.config.get_text_config()
         kinds = state.recurrent_layer_types(text)
-        cache = state.new_cache(self.config) if kinds else None
+        cache = state.new_cache(self.model) if kinds else None
         try:
             with attention.use_context(probing):
                 extra = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
                 self._decoder(input_ids=torch.tensor([[1]], device=self.device.torch_device),
                               position_ids=torch.tensor([[0]], device=self.device.torch_device), **extra)
-            recurrent = state.RecurrentState(self.config, cache) if kinds else None
+            recurrent = state.RecurrentState(self.model, cache) if kinds else None
         except Exception as exc:
             raise ValueError(f"{self.architecture}: the paged path fails on one token at load "
                              f"({type(exc).__name__}: {exc})"[:400]) from exc
         if kinds and not probing.calls:
-            raise ValueError(f"{self.architecture}: it has no attention layers, only {'/'.join(kinds)} ones; "
-                             f"recurrent-only models are not supported (their state needs blocks of its own)")
+            return None, recurrent             # recurrent-only: its state is all it keeps
         return probe.kv_layout(self.architecture, probing), recurrent
 
     # -- memory ---------------------------------------------------------------------------
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks a process of ``num_tokens`` tokens holds: its state blocks, then its KV."""
+        return self.state_blocks + (-(-num_tokens // self.block_size) if self.token_blocks else 0)
 
     def kv_bytes_per_block(self) -> int:
         """Device bytes one KV block takes across all layers, K and V."""
@@ -202,18 +212,24 @@ class ModelDriver:
     def forward(self, chunks, lora_batch=None) -> tuple[torch.Tensor, list[int]]:
         """The decoder over ``chunks``, attention from the paged KV cache (each chunk's new K/V
         written into its blocks): hidden states [T, hidden] and each chunk's first row (B+1
-        offsets). All chunks are packed in one row; with recurrent state, one pass per chunk."""
+        offsets). All chunks are packed in one row; with recurrent state, one pass per chunk
+        (``stepwise``: one per token of a chunk that continues a saved state)."""
         if self.recurrent is None:
             hidden = self._pass(chunks, lora_batch)
             return hidden, list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
         k, hidden, query_start = self.state_blocks, [], [0]
         for c in chunks:
-            if len(c.block_ids) <= k:
+            if len(c.block_ids) < k + self.token_blocks:
                 raise ValueError(f"pid {c.pid}: its block table has no room past its {k} state blocks")
             held = c.block_ids[:k]
-            cache = self.recurrent.load(self.kv, held) if c.start_pos > 0 else state.new_cache(self.config)
+            cache = self.recurrent.load(self.kv, held) if c.start_pos > 0 else state.new_cache(self.model)
             own = dataclasses.replace(c, block_ids=c.block_ids[k:])
-            hidden.append(self._pass([own], self.lora.prepare([c]) if lora_batch is not None else None, cache))
+            batch = self.lora.prepare([c]) if lora_batch is not None else None
+            parts = [own]
+            if self.stepwise and c.start_pos > 0:
+                parts = [dataclasses.replace(own, token_ids=[t], start_pos=c.start_pos + i)
+                         for i, t in enumerate(c.token_ids)]
+            hidden += [self._pass([part], batch, cache) for part in parts]
             self.recurrent.save(self.kv, held, cache)
             query_start.append(query_start[-1] + c.num_tokens)
         return torch.cat(hidden), query_start
@@ -222,7 +238,7 @@ class ModelDriver:
         dev = self.device.torch_device
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=dev)
         positions = torch.tensor([p for c in chunks for p in range(c.start_pos, c.end_pos)], device=dev)
-        ctx = attention.AttentionContext.build(chunks, self.kv, self.backend)
+        ctx = attention.AttentionContext.build(chunks, self.kv, self.backend) if self.token_blocks else None
         with attention.use_context(ctx), lora_layers.use_batch(lora_batch):
             extra = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
             return self._decoder(input_ids=input_ids[None], position_ids=positions[None], **extra).last_hidden_state[0]

@@ -57,11 +57,16 @@ def _source_digest() -> bytes:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).digest()
 
 
+STEPWISE = "passed stepwise"
+
+
 def check_cached(driver, model_path: str) -> None:
-    """``check``, skipped when this fingerprint passed before; a refusal is never cached."""
+    """``check``, skipped when this fingerprint passed before (remembering whether it passed
+    ``stepwise``); a refusal is never cached."""
     try:
         mark = cache_dir() / fingerprint(driver, model_path)
         if mark.exists():
+            driver.stepwise = mark.read_text().strip().endswith(STEPWISE)
             return
     except OSError:
         mark = None
@@ -69,13 +74,31 @@ def check_cached(driver, model_path: str) -> None:
     if mark is not None:
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.write_text(f"{driver.architecture} passed\n")
+            mark.write_text(f"{driver.architecture} {STEPWISE if driver.stepwise else 'passed'}\n")
         except OSError as exc:              # a read-only home: the check runs on every load
             log.warning("cannot remember the load-time check's pass in %s: %s", mark.parent, exc)
 
 
 def check(driver) -> None:
-    """Raise ``ValueError`` naming why ``driver``'s model cannot be served exactly."""
+    """Raise ``ValueError`` naming why ``driver``'s model cannot be served exactly. Recurrent
+    layers that differ only where a chunk continues a saved state (their code scans a chunk
+    from a zero state) pass ``stepwise``: such chunks then run one token per pass, as
+    ``generate`` decodes."""
+    try:
+        _compare(driver)
+    except ValueError as exc:
+        if driver.recurrent is None or driver.stepwise or "second prefill chunk" not in str(exc):
+            raise
+        driver.stepwise = True
+        try:
+            _compare(driver)
+        except ValueError:
+            driver.stepwise = False
+            raise exc from None
+        log.info("%s: recurrent layers continue a saved state one token at a time", driver.architecture)
+
+
+def _compare(driver) -> None:
     vocab = driver.config.get_text_config().vocab_size
     total = min(FIRST_CHUNK + SECOND_CHUNK + NUM_DECODES, driver.max_model_len)
     ids = [(3 + 7 * i) % vocab for i in range(total)]
@@ -102,8 +125,7 @@ def check(driver) -> None:
 
 @torch.inference_mode()
 def _paged_logits(driver, ids: list[int]) -> torch.Tensor:
-    bs = driver.block_size
-    num_blocks = -(-len(ids) // bs) + driver.state_blocks
+    num_blocks = driver.blocks_for(len(ids))
     saved, driver.kv = driver.kv, None
     try:
         driver.allocate_kv(num_blocks, 0)

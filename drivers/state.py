@@ -13,15 +13,23 @@ The model's own recurrent code runs unchanged through transformers' cache API: e
 gets a ``DynamicCache`` whose attention layers pass their new K/V straight to the paged
 attention, and whose linear-attention layers are loaded from the blocks before the forward pass
 and saved back after it. Sequences run one forward pass each (a recurrent layer scans one
-sequence at a time); a sequence's first chunk starts from a zero state.
+sequence at a time); a sequence's first chunk starts from a zero state. A model whose code keeps
+its state in a cache class of its own (MiniMax's ``linear_cache``) gets that class.
+
+A model with no attention layers at all (Mamba, Mamba-2, FalconMamba) keeps nothing per token:
+its pool's blocks are sized to hold one state each (``state_only_layout``) and a process holds
+just that one block.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin, get_layer_types_and_kwargs
+
+from llmos.drivers.probe import KVLayout
 
 # transformers' cache layer types that keep recurrent state
 RECURRENT = ("conv", "linear_attention", "hybrid", "hybrid_sliding")
@@ -36,7 +44,8 @@ def recurrent_layer_types(text_config) -> list[str]:
 
 @dataclass(frozen=True)
 class Entry:
-    """One state tensor: layer, state index, "conv" or "recurrent", shape (batch 1), dtype."""
+    """One state tensor: layer, state index, "conv", "recurrent" or "linear" (a model's own
+    cache), shape (batch 1), dtype."""
     layer: int
     index: int
     kind: str
@@ -52,12 +61,32 @@ def _passthrough(key, value, *args, **kwargs):
     return key, value                   # the paged attention stores and reads KV, not this cache
 
 
-def new_cache(config) -> DynamicCache:
+def _own_cache_class(model) -> type | None:
+    """The cache class a model's module defines for itself (MiniMax's), if any."""
+    module = sys.modules.get(type(model).__module__)
+    own = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, DynamicCache)
+           and v.__module__ == module.__name__] if module else []
+    return own[0] if len(own) == 1 else None
+
+
+def new_cache(model) -> DynamicCache:
     """A per-sequence cache: recurrent layers keep state, attention layers keep nothing."""
-    cache = DynamicCache(config=config)
+    own = _own_cache_class(model)
+    if own is not None:
+        cache = own()
+        cache.update = _passthrough     # its layers are made as attention calls update: none are
+        return cache
+    cache = DynamicCache(config=model.config)
     for layer in cache.layers:
         layer.update = _passthrough
     return cache
+
+
+def state_only_layout(num_bytes: int, block_size: int, dtype: torch.dtype) -> KVLayout:
+    """A one-layer, one-head pool whose blocks (K and V together) hold ``num_bytes`` each."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    width = max(1, -(-num_bytes // (2 * block_size * elem)))
+    return KVLayout(1, 1, width, width)
 
 
 def _tensors(cache: DynamicCache):
@@ -68,13 +97,16 @@ def _tensors(cache: DynamicCache):
                     yield i, j, "conv", layer.conv_states[j]
                 if layer.is_recurrent_states_initialized[j]:
                     yield i, j, "recurrent", layer.recurrent_states[j]
+    for i, t in enumerate(getattr(cache, "linear_cache", ())):
+        if isinstance(t, torch.Tensor):
+            yield i, 0, "linear", t
 
 
 class RecurrentState:
     """The state layout of one model (from a probing forward pass) and its bytes in KV blocks."""
 
-    def __init__(self, config, probed: DynamicCache):
-        self.config = config
+    def __init__(self, model, probed: DynamicCache):
+        self.model = model
         self.entries = [Entry(i, j, kind, tuple(t.shape), t.dtype) for i, j, kind, t in _tensors(probed)]
         if not self.entries:
             raise ValueError("its recurrent layers left no state in transformers' cache")
@@ -85,11 +117,14 @@ class RecurrentState:
 
     def load(self, kv, block_ids: list[int]) -> DynamicCache:
         """A cache holding the state stored in ``block_ids`` (the sequence has computed tokens)."""
-        cache = new_cache(self.config)
+        cache = new_cache(self.model)
         raw, offset = self._read(kv, block_ids), 0
         for e in self.entries:
             t = raw[offset:offset + e.num_bytes].view(e.dtype).view(e.shape).clone()
             offset += e.num_bytes
+            if e.kind == "linear":
+                cache.set_linear_cache(e.layer, t)
+                continue
             layer = cache.layers[e.layer]
             if e.kind == "conv":
                 layer.conv_states[e.index], layer.conv_kernel_size[e.index] = t, e.shape[-1]

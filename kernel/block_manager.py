@@ -50,7 +50,7 @@ def seed_hash(model: str, adapter: str | None = None, variant: int = 0) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int = 16,
                  usage: Counter | None = None, kv_variant: Callable[[int, int], int] | None = None,
-                 state_blocks: int = 0):
+                 state_blocks: int = 0, token_blocks: bool = True):
         if num_blocks < 1 or num_host_blocks < 0 or block_size < 1:
             raise ValueError("need num_blocks >= 1, num_host_blocks >= 0, block_size >= 1")
         self.block_size = block_size
@@ -60,6 +60,9 @@ class BlockManager:
         # models): allocated with its first KV, moved with it, copied (never shared) by fork.
         # Such models have no prefix cache: the state at a cached prefix is not kept.
         self.state_blocks = state_blocks
+        # False for models with no attention layers (Mamba): tokens keep no KV, a process holds
+        # its state blocks only.
+        self.token_blocks = token_blocks
         self.blocks: list[Block] = [Block(i) for i in range(num_blocks)]
         # Ordered oldest-freed first: allocation takes the front, frees go to the back.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -88,6 +91,10 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def blocks_for_seq(self, num_tokens: int) -> int:
+        """Device blocks a process of ``num_tokens`` tokens holds: its state blocks and its KV."""
+        return self.state_blocks + (self.blocks_for(num_tokens) if self.token_blocks else 0)
 
     def kv_blocks_used_by(self, uid: int) -> int:
         """Distinct device blocks of this pool held by ``uid``'s processes (a block its
@@ -166,7 +173,7 @@ class BlockManager:
     def num_blocks_needed(self, proc: Process, num_new_tokens: int) -> int:
         """Device blocks to add so the table covers ``num_computed_tokens + num_new_tokens``
         (a swapped-out process counts its whole table: it comes back first)."""
-        total = self.state_blocks + self.blocks_for(proc.num_computed_tokens + num_new_tokens)
+        total = self.blocks_for_seq(proc.num_computed_tokens + num_new_tokens)
         return max(0, total - len(proc.block_ids))
 
     def can_allocate(self, proc: Process, num_new_tokens: int) -> bool:

@@ -246,10 +246,11 @@ class ModelManager:
 
     def min_kv_bytes(self, entry: ModelEntry) -> int:
         """The least KV pool worth having: one full context window."""
-        text = entry.config.get_text_config()
-        layers, heads = text.num_hidden_layers, text.num_attention_heads
+        text = entry.config.get_text_config()      # an estimate before load (Mamba has no heads)
+        layers = getattr(text, "num_hidden_layers", None) or 1
+        heads = getattr(text, "num_attention_heads", None) or 1
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", None) or 64) // heads
         ctx = min(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 2048), 4096)
         blocks = self.cfg.kv_blocks or math.ceil(ctx / self.cfg.block_size)
         return blocks * self.cfg.block_size * layers * 2 * kv_heads * head_dim * self._dtype_bytes()

@@ -64,6 +64,7 @@ class SchedulerConfig:
     recompute_max_tokens: int = 64
     eos_token_ids: frozenset[int] = frozenset()
     max_adapters_per_step: int = 0      # distinct LoRA adapters one forward pass can hold (0: no limit)
+    token_blocks: bool = True           # False: tokens keep no KV (a recurrent-only model's state blocks)
 
     def __post_init__(self):
         positive = ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "aging_steps")
@@ -74,7 +75,7 @@ class SchedulerConfig:
             raise ValueError("num_host_blocks and recompute_max_tokens must be >= 0")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
-        if -(-self.max_model_len // self.block_size) > self.num_blocks:
+        if self.token_blocks and -(-self.max_model_len // self.block_size) > self.num_blocks:
             # A lone process must always fit, or it could wait forever.
             raise ValueError("max_model_len does not fit in num_blocks * block_size")
         if self.preempt_mode not in PREEMPT_MODES:
@@ -111,7 +112,7 @@ class Scheduler:
         self.shares = shares if shares is not None else Shares()
         self.block_manager = BlockManager(config.num_blocks, config.num_host_blocks, config.block_size,
                                           usage=self.shares.usage, kv_variant=kv_variant,
-                                          state_blocks=state_blocks)
+                                          state_blocks=state_blocks, token_blocks=config.token_blocks)
         self.pids: dict[int, None] = {}              # the run queue: pids scheduled here, in order
         self.busy_uids: set[int] = set()             # users with runnable processes at the last step
         self.running_pids: set[int] = set()          # the last step's batch
@@ -392,7 +393,7 @@ class Scheduler:
         if proc.num_output_tokens >= proc.max_tokens or proc.num_tokens >= cfg.max_model_len:
             return "length"
         quota = self.shares.quota(proc.uid)
-        if quota is not None and self.block_manager.blocks_for(proc.num_tokens) > quota:
+        if quota is not None and self.block_manager.blocks_for_seq(proc.num_tokens) > quota:
             return "quota"          # its next step could never fit, even alone
         return None
 

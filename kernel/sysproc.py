@@ -96,7 +96,7 @@ def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
     if len(ids) >= limit:
         raise SyscallError("EINVAL", f"prompt is {len(ids)} tokens; the context window is {limit}")
     systenancy.check_procs(k, user, 1)
-    systenancy.check_kv(k, user, min(limit, len(ids) + a["max_tokens"]))
+    systenancy.check_kv(k, user, min(limit, len(ids) + a["max_tokens"]), entry)
     proc = Process(
         pid=k.table.new_pid(), ppid=0, uid=user.uid, model=entry.name, nice=a["priority"],
         sampling=_sampling(a, seed=a["seed"]), max_tokens=a["max_tokens"], stop_token_ids=stop_ids,
@@ -117,7 +117,7 @@ def sys_write(k, call):
     limit = prompts.context_len(p.entry)
     if len(p.token_ids) + len(ids) >= limit:
         raise SyscallError("EINVAL", f"conversation would exceed the context window ({limit})")
-    systenancy.check_kv(k, call.user, len(p.token_ids) + len(ids) + 1)
+    systenancy.check_kv(k, call.user, len(p.token_ids) + len(ids) + 1, p.entry)
     if a["max_tokens"] is not None:
         p.max_tokens = a["max_tokens"]
     k.procs.write(p, ids)

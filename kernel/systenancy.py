@@ -16,10 +16,13 @@ def check_procs(k, user, num_new: int) -> None:
                                      + (f"; {num_new} more would not fit" if num_new > 1 else ""))
 
 
-def check_kv(k, user, num_tokens: int) -> None:
-    """A process that would need more KV blocks than its user's whole quota can never run."""
+def check_kv(k, user, num_tokens: int, entry=None) -> None:
+    """A process that would need more KV blocks than its user's whole quota can never run
+    (on ``entry``'s pool where it is loaded: its recurrent-state blocks count too)."""
     quota = k.shares.quota(user.uid)
-    need = math.ceil(num_tokens / k.cfg.block_size)
+    engine = getattr(entry, "engine", None)
+    need = (engine.sched.block_manager.blocks_for_seq(num_tokens) if engine is not None
+            else math.ceil(num_tokens / k.cfg.block_size))
     if quota is not None and need > quota:
         raise SyscallError("ENOMEM", f"needs up to {need} KV blocks; user quota is {quota}")
 

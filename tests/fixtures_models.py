@@ -97,7 +97,7 @@ class ToyScheduler:
 
     def alloc(self, num_tokens: int) -> list[int]:
         """Block ids for ``num_tokens`` tokens (after the model's recurrent-state blocks, if any)."""
-        n = -(-num_tokens // self.driver.block_size) + self.driver.state_blocks
+        n = self.driver.blocks_for(num_tokens)
         ids = list(range(self.next_block, self.next_block + n))
         self.next_block += n
         assert self.next_block <= NUM_BLOCKS

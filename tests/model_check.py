@@ -129,7 +129,7 @@ class Scheduler(ToyScheduler):
     variant changed) gets fresh blocks if a fork shares its own."""
 
     def alloc(self, num_tokens: int) -> list[int]:
-        n = -(-num_tokens // self.driver.block_size) + self.driver.state_blocks
+        n = self.driver.blocks_for(num_tokens)
         ids = list(range(self.next_block, self.next_block + n))
         self.next_block += n
         assert self.next_block <= self.driver.kv.num_blocks, "the check's pool is too small"
@@ -224,7 +224,7 @@ def forked(driver, path, prompts, expected) -> list[str]:
     for _ in range(FORK_AFTER):
         sched.step()
     k, bs = driver.state_blocks, driver.block_size
-    num_full, partial = divmod(parent.num_computed, bs)
+    num_full, partial = divmod(parent.num_computed, bs) if driver.token_blocks else (0, 0)   # Mamba: state only
     child_prompt = parent.tokens + FORK_INPUT
     own = sched.alloc(len(child_prompt) + NUM_NEW - num_full * bs)        # state blocks first
     table = own[:k] + parent.block_ids[k:k + num_full] + own[k:]
@@ -250,7 +250,7 @@ def swapped(driver, path, prompts, expected) -> list[str]:
     for _ in range(FORK_AFTER):
         sched.step()
     seq = sched.seqs.pop(n)                        # off the device
-    used = driver.state_blocks + -(-seq.num_computed // driver.block_size)
+    used = driver.blocks_for(seq.num_computed)
     host, moved = list(range(used)), _blocks(sched, len(seq.block_ids))
     sched.step(swap_out=list(zip(seq.block_ids[:used], host)))
     sched.step(swap_in=list(zip(host, moved[:used])))

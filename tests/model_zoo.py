@@ -85,6 +85,8 @@ OVERRIDES: dict[str, dict] = {
     "gemma3": dict(initializer_range=0.02, text_config={"initializer_range": 0.02}),
     "gemma3_text": dict(initializer_range=0.01),
     "opt": dict(init_std=0.4),
+    "mamba": dict(initializer_range=0.5),
+    "falcon_mamba": dict(initializer_range=0.5),
     "blt": dict(encoder_hash_byte_group_vocab=64),
     "bamba": dict(attn_layer_indices=[1, 3]),
     # Llama 4's chunked attention is served within one chunk: a chunk that leaves room to check

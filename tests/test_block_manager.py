@@ -333,3 +333,23 @@ def test_fork_of_a_stateful_process_without_room_for_the_state_recomputes_the_ch
     parent = computed(bm, make_proc(1, 10))               # 5 of 6 blocks
     child = make_proc(2, token_ids=parent.token_ids)
     assert bm.fork(parent, child) == [] and child.num_computed_tokens == 0 and not child.block_ids
+
+
+def test_a_recurrent_only_model_holds_its_state_blocks_only_however_long_it_grows():
+    """Mamba keeps no KV per token: a process holds its one state block from its first token to
+    its last, fork copies it, swap moves it, and the quota counts it."""
+    bm = BlockManager(4, 4, block_size=BS, state_blocks=1, token_blocks=False)
+    parent = make_proc(1, 10)
+    assert bm.num_blocks_needed(parent, 9) == 1 and bm.blocks_for_seq(10_000) == 1
+    computed(bm, parent)
+    assert len(parent.block_ids) == 1 and bm.num_blocks_needed(parent, 500) == 0
+    child = make_proc(2, token_ids=parent.token_ids)
+    copies = bm.fork(parent, child)
+    assert copies == [(parent.block_ids[0], child.block_ids[0])] and child.num_computed_tokens == 9
+    bm.end_step()
+    check_block_invariants(bm, [parent, child])
+    assert len(bm.swap_out(child)) == 1 and bm.num_free_blocks == 3
+    bm.swap_in(child)
+    bm.end_step()
+    check_block_invariants(bm, [parent, child])
+    assert bm.meminfo([parent, child])["blocks_used"] == 2

@@ -33,13 +33,9 @@ def build(config_class, sinks_std: float = 0.0, **sizes) -> str:
 REFUSED = {   # accepted before the gate, then silently wrong or failing on the first step
     "bloom": (transformers.BloomConfig, dict(hidden_size=64, n_layer=2, n_head=4), "no layer calls"),
     "mpt": (transformers.MptConfig, dict(d_model=64, n_layers=2, n_heads=4), "fails on one token"),
-    # recurrent layers whose code does not continue from a saved state across prefill chunks
-    "jamba": (transformers.JambaConfig, dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=128, num_experts=2,
-                                             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                                             expert_layer_offset=1, mamba_d_state=8), "do not continue exactly"),
-    "mamba2": (transformers.Mamba2Config, dict(hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
-                                               state_size=8, n_groups=1), "recurrent-only"),
+    # RWKV's recurrence lives in its own code, not in transformers' cache
+    "rwkv": (transformers.RwkvConfig, dict(hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                                           intermediate_size=128), "no layer calls"),
     "falcon": (transformers.FalconConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
                "attention interface"),
 }
@@ -111,3 +107,30 @@ def test_a_refusal_is_never_remembered(tiny_models, monkeypatch, tmp_path):
         with pytest.raises(ValueError, match="differs"):
             ModelDriver(tiny_models["llama"], device="cpu", dtype="float32", block_size=4)
     assert runs == [1, 1] and not any(tmp_path.iterdir())
+
+
+JAMBA = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+             num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+             mamba_d_state=8)
+
+
+def test_recurrent_layers_that_scan_each_chunk_from_zero_pass_stepwise_and_it_is_remembered(monkeypatch, tmp_path):
+    """Jamba's Mamba layers ignore a saved state over a chunk of several tokens: the gate finds
+    that only the second prefill chunk differs, and passes the model stepwise (such chunks
+    continue one token per pass); the remembered pass keeps that. Without stepwise it differs."""
+    monkeypatch.setenv("LLMOS_SELFCHECK_CACHE", str(tmp_path))
+    path = build(transformers.JambaConfig, **JAMBA)
+    driver = ModelDriver(path, device="cpu", dtype="float32", block_size=4)
+    assert driver.stepwise and driver.recurrent is not None
+    assert ModelDriver(path, device="cpu", dtype="float32", block_size=4).stepwise    # from the cached pass
+    driver.stepwise = False
+    with pytest.raises(ValueError, match="second prefill chunk"):
+        selfcheck._compare(driver)
+
+
+def test_a_model_that_continues_its_state_over_a_chunk_is_not_made_stepwise(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMOS_SELFCHECK_CACHE", str(tmp_path))
+    path = build(transformers.Lfm2Config, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2)
+    for _ in range(2):
+        assert not ModelDriver(path, device="cpu", dtype="float32", block_size=4).stepwise

@@ -1,11 +1,14 @@
-"""Hybrid models whose layers keep recurrent state (short convolutions, gated delta-net linear
-attention, Mamba-2) are exact: their state lives in blocks at the front of the process's block
-table, so it is allocated, swapped, recomputed and forked (copied) with the process — alone,
-batched, with chunked prefill, forked and through the kernel under preemption."""
+"""Models whose layers keep recurrent state (short convolutions, gated delta-net linear
+attention, Mamba and Mamba-2, lightning attention) are exact: their state lives in blocks at the
+front of the process's block table, so it is allocated, swapped, recomputed and forked (copied)
+with the process — alone, batched, with chunked prefill, forked and through the kernel under
+preemption. Recurrent-only models (Mamba) hold that state block and nothing per token; Mamba
+and Jamba layers continue a saved state one token per pass (``stepwise``)."""
 import pytest
 import torch
 import transformers
 
+import model_zoo
 from conftest import KernelProc
 from fixtures_models import ToyScheduler, hf_greedy, load_driver, prompt_of
 from test_driver_selfcheck import build
@@ -22,20 +25,27 @@ HYBRIDS = {
                                                     mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16)),
     "bamba": (transformers.BambaConfig, dict(num_hidden_layers=4, attn_layer_indices=[1, 3], **MAMBA2)),
 }
+# built by the coverage sweep's zoo: a Mamba without attention, Jamba (Mamba + attention, continued
+# stepwise), MiniMax (lightning attention in a cache class of its own)
+ZOO = ("mamba", "mamba2", "jamba", "minimax")
 NEW = 16
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     torch.manual_seed(0)
-    return {name: build(config_class, **SMALL, **extra) for name, (config_class, extra) in HYBRIDS.items()}
+    built = {name: build(config_class, **SMALL, **extra) for name, (config_class, extra) in HYBRIDS.items()}
+    root = tmp_path_factory.mktemp("zoo")
+    return {**built, **{arch: model_zoo.build(arch, root) for arch in ZOO}}
 
 
-@pytest.mark.parametrize("arch", sorted(HYBRIDS))
+@pytest.mark.parametrize("arch", sorted(HYBRIDS) + list(ZOO))
 def test_alone_batched_and_chunked_are_exact(models, arch):
     path = models[arch]
     driver = load_driver(path)
     assert driver.state_blocks >= 1 and driver.recurrent.num_bytes > 0
+    assert driver.token_blocks == (arch not in ("mamba", "mamba2"))
+    assert driver.stepwise == (arch in ("mamba", "jamba"))
     sched = ToyScheduler(driver)
     prompts = [prompt_of(23), prompt_of(5, 2), prompt_of(17, 3)]
     seqs = [sched.add(i + 1, p, NEW, chunk=5 if i == 2 else None) for i, p in enumerate(prompts)]
@@ -68,12 +78,14 @@ def test_a_fork_copies_the_state_blocks_and_continues_like_its_parent(models, ar
     assert parent.output == expected and child.output == expected
 
 
-@pytest.mark.parametrize("arch,mode", [("qwen3_next", "recompute"), ("falcon_h1", "swap")])
-def test_through_the_kernel_under_preemption_chunked_prefill_and_fork(models, arch, mode):
+@pytest.mark.parametrize("arch,mode,blocks", [("qwen3_next", "recompute", 64), ("falcon_h1", "swap", 64),
+                                              ("mamba", "swap", 3), ("jamba", "recompute", 24)])
+def test_through_the_kernel_under_preemption_chunked_prefill_and_fork(models, arch, mode, blocks):
     """A pool too small for all five at once (the urgent one preempts), prefill chunks of at
-    most 16 tokens, and a fork of an interactive process."""
+    most 16 tokens, and a fork of an interactive process. A Mamba process holds one block
+    (its state) however long it is: three blocks hold three processes."""
     path = models[arch]
-    kernel = KernelProc("--kv-blocks", "64", "--block-size", "4", "--max-num-seqs", "4", "--max-batched-tokens", "16",
+    kernel = KernelProc("--kv-blocks", str(blocks), "--block-size", "4", "--max-num-seqs", "4", "--max-batched-tokens", "16",
                         "--device", "cpu", "--dtype", "float32", "--preempt-mode", mode, model=path).start()
     greedy = dict(temperature=0.0, ignore_eos=True)
     try:

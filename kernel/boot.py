@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--alert", action="append", default=[], metavar="NAME=VALUE",
                    help="alert threshold (repeatable; 0 = off): kv_usage (fraction, default 0.95), queue_wait_s "
                         "(30), swap_rate (swaps/s, 5), service_down (1)")
+    p.add_argument("--no-journal", action="store_true",
+                   help="keep no process journal: processes do not survive a crash or a stop")
+    p.add_argument("--journal-interval", type=float, default=0.05, metavar="SECONDS",
+                   help="group commit interval of the process journal (0: at every loop turn); a crash "
+                        "loses at most this much of unacknowledged progress, which is regenerated")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
@@ -84,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         kv_quota_blocks=a.kv_quota_blocks, fair_share=not a.no_fair_share, device_budget=a.device_budget, host_budget=a.host_budget,
         aliases=dict(_alias(x) for x in a.alias), alerts=dict(_alert(x) for x in a.alert),
         service_call_timeout=a.service_call_timeout, delegates=list(a.delegate),
+        journal=not a.no_journal, journal_interval=max(0.0, a.journal_interval),
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
 

@@ -31,9 +31,10 @@ from typing import Any
 
 import zmq
 
-from llmos.kernel import engines, handlers
+from llmos.kernel import engines, handlers, restore
 from llmos.kernel.alerts import Alerts
 from llmos.kernel.io import IOThread
+from llmos.kernel.journal import Journal
 from llmos.kernel.metrics import Metrics
 from llmos.kernel.outbox import Outbox
 from llmos.kernel.procio import PENDING_REPLY
@@ -79,6 +80,8 @@ class KernelConfig:
     service_call_timeout: float = 60.0     # seconds a service may take to answer (or between frames)
     alerts: dict = field(default_factory=dict)    # alert name -> threshold (``--alert``)
     delegates: list = field(default_factory=list) # plug-ins allowed svc_call (built-ins always are)
+    journal: bool = True                   # the process journal (``--no-journal``: processes die with it)
+    journal_interval: float = 0.05         # seconds between group commits (0: every loop turn)
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Kernel:
         self.procs = ProcManager(cfg, self.table, models, default, self.outbox, self.metrics, self.stats)
         if models is not None:
             models.park = self.procs.park
+        self.journal = Journal(cfg.state_dir / "journal" if cfg.journal else None, cfg.journal_interval)
+        self.lost, self.journal_damage = self._restore()
+        self.stop_mode = "checkpoint"          # at shutdown: checkpoint | drain (first) | discard
         self.services = ServiceManager(cfg, self.outbox, models, on_memory_back=self.procs.retry_faulted)
         self.alerts = Alerts(self.outbox, self.table, self.procs.engines, self.metrics, self.services, cfg.alerts)
         self.queues: dict[Any, deque] = {}     # caller -> authenticated requests not yet served
@@ -131,6 +137,24 @@ class Kernel:
         self.poller.register(self.io.monitor, zmq.POLLIN)
         self.busy = False                      # the last turn ran a step
 
+    def _restore(self) -> tuple[list[dict], str | None]:
+        """The processes of the journal back in the table (those that cannot come back: lost)."""
+        saved, next_pid, damage = self.journal.replay()
+        self.table.next_pid = max([self.table.next_pid, next_pid] + [s.pid + 1 for s in saved])
+        lost = restore.restore(self.procs, saved) if saved else []
+        self.num_restored = len(saved) - len(lost)
+        if saved:
+            log.info("restored %d processes from the journal (%d lost)", len(saved) - len(lost), len(lost))
+        self.journal.open(self.table.all(), self.table.next_pid)
+        return lost, damage
+
+    def commit(self, force: bool = False) -> None:
+        """Group-commit the journal when due (or ``force``: replies are held for it); held
+        replies go out once it is on disk."""
+        if force or self.journal.due(time.monotonic()):
+            self.journal.commit(self.table.procs.values(), self.table.next_pid)
+            self.outbox.release()
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         self.io.start()
@@ -140,6 +164,7 @@ class Kernel:
         try:
             while self.running:
                 self.drain_syscalls(idle=not self.busy)
+                self.commit(force=bool(self.outbox.held))    # acknowledged changes are on disk first
                 self.outbox.flush(self.chan)
                 self.procs.admit_loaded()                    # page faults served by the loader
                 self.busy = False
@@ -149,8 +174,15 @@ class Kernel:
                         if not plan.is_empty:
                             self.step(engine, plan)
                             self.busy = True
+                self.commit()
                 self.outbox.flush(self.chan)
+                if self.stop_mode == "drain" and not self.procs.num_to_drain():
+                    self.running = False
         finally:
+            self.commit(force=True)                          # a clean stop checkpoints every process
+            if self.stop_mode == "discard":
+                self.journal.discard()
+            self.journal.close()
             self.services.stop_all()
             self.procs.shutdown()
             self.alerts.shutdown()
@@ -244,7 +276,7 @@ class Kernel:
             call = Call(identity, req.rid, user, sc, check_args(sc, req.args))
             result = handlers.dispatch(self, call)
             if result is not PENDING_REPLY:
-                self.outbox.reply(call, result)
+                self.outbox.reply(call, result, held=sc.journaled and self.journal.enabled)
         except SyscallError as err:
             self.metrics.call_errors[name] += 1
             self.outbox.error(identity, req.rid, err)

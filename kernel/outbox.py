@@ -14,11 +14,19 @@ from llmos.syscalls.errors import SyscallError
 class Outbox:
     def __init__(self, stats=None):
         self.frames: list[tuple[bytes, bytes]] = []     # (routing id, payload), in order
+        self.held: list[tuple[bytes, bytes]] = []       # replies waiting for the journal's commit
         self.stats = stats                              # counts errors sent (``stat``), if given
 
-    def reply(self, call, result: Any, more: bool = False) -> None:
-        """A result frame for ``call`` (anything with ``identity`` and ``rid``)."""
-        self.frames.append((call.identity, abi.encode_reply(call.rid, result, more)))
+    def reply(self, call, result: Any, more: bool = False, held: bool = False) -> None:
+        """A result frame for ``call`` (anything with ``identity`` and ``rid``). ``held``: it
+        acknowledges a change to a process, so it waits until the journal has it (``release``)."""
+        (self.held if held else self.frames).append((call.identity, abi.encode_reply(call.rid, result, more)))
+
+    def release(self) -> None:
+        """The journal committed: the held replies may go."""
+        if self.held:
+            self.frames.extend(self.held)
+            self.held = []
 
     def error(self, identity: bytes, rid: Any, err: SyscallError) -> None:
         if self.stats is not None:

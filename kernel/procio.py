@@ -29,6 +29,15 @@ class Waiter:
     kind: WaitKind
     call: Any                     # the kernel's Call (identity, rid, user, ...)
     deadline: float | None = None
+    seen_ids: int = 0             # a read: the turn's ids and characters its caller already has
+    seen_chars: int = 0
+
+    def unseen(self, chunk: dict, at_ids: int, at_chars: int) -> dict:
+        """The part of ``chunk`` (which starts at id ``at_ids``, character ``at_chars`` of the
+        turn) this reader has not seen: a resumed read (``since``) never sees a token twice."""
+        ids, text = chunk["token_ids"], chunk["text"]
+        return {**chunk, "token_ids": ids[max(0, self.seen_ids - at_ids):],
+                "text": text[max(0, self.seen_chars - at_chars):]}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from llmos.drivers import text
 from llmos.drivers.batch import StepPlan, StepResult
 from llmos.kernel import objects
 from llmos.kernel.models import Engine, ModelEntry, Where
-from llmos.kernel.proc import Process, Wait
+from llmos.kernel.proc import Process, ProcState, Wait
 from llmos.kernel.procio import ProcIO, Waiter, WaitKind
 from llmos.kernel.scheduler import EventKind, Scheduler
 from llmos.syscalls.errors import SyscallError
@@ -279,9 +279,10 @@ class ProcManager:
     def turn_done(self, proc: Process, reason: str) -> None:
         io = proc.io
         io.turn_done, io.finish_reason = True, reason
+        at = io.num_streamed_ids, io.num_streamed_chars
         final = {**io.pending_chunk(final=True), "finish_reason": reason, "events": io.events}
         for w in [w for w in io.waiters if w.kind is WaitKind.READ]:
-            self.outbox.reply(w.call, final, more=False)
+            self.outbox.reply(w.call, w.unseen(final, *at), more=False)
         io.waiters = [w for w in io.waiters if w.kind is not WaitKind.READ]
         if proc.interactive and io.close_after_turn and proc.is_alive:
             self.terminate(proc, reason, announce=False)
@@ -314,18 +315,27 @@ class ProcManager:
             self.timed.add(proc.pid)
 
     def _stream(self, proc: Process, final: bool) -> None:
-        chunk = proc.io.pending_chunk(final)
+        io = proc.io
+        at = io.num_streamed_ids, io.num_streamed_chars
+        chunk = io.pending_chunk(final)
         if chunk is None:
             return
-        for w in proc.io.waiters:
+        for w in io.waiters:
             if w.kind is WaitKind.READ:
-                self.outbox.reply(w.call, chunk, more=True)
+                part = w.unseen(chunk, *at)
+                if part["token_ids"] or part["text"]:
+                    self.outbox.reply(w.call, part, more=True)
 
     def _event(self, proc: Process, event: dict) -> None:
         proc.io.events.append(event)
         for w in proc.io.waiters:
             if w.kind is WaitKind.READ:
                 self.outbox.reply(w.call, {"text": "", "token_ids": [], **event}, more=True)
+
+    def num_to_drain(self) -> int:
+        """Live non-interactive processes that will still end by themselves (not STOPPED)."""
+        return sum(1 for p in self.table.procs.values()
+                   if p.is_alive and not p.interactive and p.state is not ProcState.STOPPED)
 
     def idle_timeout_ms(self) -> int:
         if self.models is not None and any(e.loading for e in self.models.entries.values()):

@@ -30,11 +30,18 @@ def sys_stat(k, call):
     return {"uptime_s": round(time.time() - s.started, 3), "requests": s.requests, "errors": s.errors,
             "rejects": dict(s.rejects), "frames_dropped": s.frames_dropped,
             "disconnects": s.disconnects, "steps": s.steps, "tokens_generated": s.tokens_generated,
-            "procs": k.table.count_by_state(), **k.metrics.report(k.table.all())}
+            "procs": k.table.count_by_state(), **k.metrics.report(k.table.all()),
+            "journal": {"enabled": k.journal.enabled, "interval_s": k.journal.interval,
+                        "commits": k.journal.num_commits, "bytes_written": k.journal.bytes_written,
+                        "restored": k.num_restored, "lost": len(k.lost), "damage": k.journal_damage}}
 
 
 def sys_shutdown(k, call):
-    k.running = False
+    """Checkpoint (the journal brings every process back at the next boot), drain (the loop
+    stops once no non-interactive process is left running), or discard."""
+    k.stop_mode = call.args["mode"]
+    if k.stop_mode != "drain":
+        k.running = False
     return True
 
 

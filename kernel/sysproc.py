@@ -28,6 +28,8 @@ def _ps_row(k, p) -> dict:
 
 
 def sys_ps(k, call):
+    if call.args["lost"]:
+        return [x for x in k.lost if x["uid"] == call.user.uid or (call.user.is_root and call.args["all"])]
     return [_ps_row(k, p) for p in k.table.visible(call.user, everyone=call.args["all"])]
 
 
@@ -87,6 +89,8 @@ def _spawn_kg(k, call, a: dict):
 
 def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
     ps, user = k.procs, call.user
+    if k.stop_mode == "drain":
+        raise SyscallError("EAGAIN", "the kernel is draining to stop: no new processes")
     check_priority(user, a["priority"])
     entry = objects.resolve_model(ps, user, a["model"])
     a = objects.check_adapter(entry, user, call.args["adapter"], a)
@@ -126,15 +130,16 @@ def sys_write(k, call):
 
 def sys_read(k, call):
     p = k.table.owned(call.user, call.args["pid"])
-    io = p.io
-    sofar = {"text": io.text, "token_ids": list(io.turn_ids)}
+    io, ids, chars = p.io, call.args["since"], call.args["since_text"]
     if io.turn_done:
-        return {**sofar, "finish_reason": io.finish_reason, "events": io.events}
-    # Replay the turn so far, then stream the rest from where everyone else is.
-    if io.num_streamed_ids:
-        k.outbox.reply(call, {"text": io.text[:io.num_streamed_chars],
-                              "token_ids": io.turn_ids[:io.num_streamed_ids]}, more=True)
-    k.procs.add_waiter(p, Waiter(WaitKind.READ, call))
+        return {"text": io.text[chars:], "token_ids": io.turn_ids[ids:], "finish_reason": io.finish_reason,
+                "events": io.events}
+    # Replay the turn so far (past what the caller has), then stream the rest from where everyone else is.
+    if io.num_streamed_ids > ids or io.num_streamed_chars > chars:
+        k.outbox.reply(call, {"text": io.text[chars:io.num_streamed_chars],
+                              "token_ids": io.turn_ids[ids:io.num_streamed_ids]}, more=True)
+    k.procs.add_waiter(p, Waiter(WaitKind.READ, call, seen_ids=max(ids, io.num_streamed_ids),
+                                 seen_chars=max(chars, io.num_streamed_chars)))
     return PENDING_REPLY
 
 

@@ -2,7 +2,9 @@
 
 A Client owns one DEALER socket and is meant for one thread (make one per thread). Every call
 has a timeout; a blocking call (``wait``, ``read``) probes the kernel while it waits, so a dead
-kernel gives ``ETIMEDOUT`` and a restarted one ``ECONNRESET`` instead of a hang. A request
+kernel gives ``ETIMEDOUT`` and a restarted one ``ECONNRESET`` instead of a hang — except that
+``read`` and ``wait`` themselves wait for a restarted kernel and go on (it restores its processes
+from its journal): ``read`` from the last token it yielded. A request
 larger than the kernel's frame limit fails at once with ``EMSGSIZE`` and is not sent.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ DEFAULT_TIMEOUT = 30.0      # seconds for an ordinary call
 PROBE_EVERY = 2.0           # seconds of silence before a blocking call checks the kernel is alive
 CONNECT_TIMEOUT = 5.0       # seconds to wait for a connection before ECONNREFUSED
 ASK_LIMIT_ABOVE = 64 * 1024  # bytes: a larger request first learns the kernel's frame limit (one nop)
+RESUME_TIMEOUT = 120.0      # seconds read and wait wait for a restarted kernel (it restores processes)
 
 
 class Client:
@@ -91,6 +94,51 @@ class Client:
             for rid in pending:
                 self._inflight.discard(rid)
                 self._early.pop(rid, None)
+
+    # -- calls that outlive a kernel restart ---------------------------------------------------
+    def read(self, pid: int, since: int = 0, since_text: int = 0, *, _timeout: float | None = None,
+             resume: float = RESUME_TIMEOUT) -> Iterator[dict]:
+        """Stream a process's current turn (the ``read`` syscall). Across a kernel restart it
+        resumes by itself (for up to ``resume`` seconds of the kernel being away; 0: never),
+        asking from the last token and character it yielded, so each is yielded once."""
+        deadline = None
+        while True:
+            try:
+                for frame in self.stream("read", pid=pid, since=since, since_text=since_text, _timeout=_timeout):
+                    since += len(frame.get("token_ids") or ())
+                    since_text += len(frame.get("text") or "")
+                    deadline = None
+                    yield frame
+                return
+            except SyscallError as err:
+                deadline = self._await_restart(err, resume, deadline)
+
+    def wait(self, pid: int, timeout: float | None = None, *, _timeout: float | None = None,
+             resume: float = RESUME_TIMEOUT) -> dict:
+        """Wait for a process to end and reap it (the ``wait`` syscall), across kernel restarts
+        as ``read`` does."""
+        deadline = None
+        while True:
+            try:
+                return self.call("wait", pid=pid, timeout=timeout, _timeout=_timeout)
+            except SyscallError as err:
+                deadline = self._await_restart(err, resume, deadline)
+
+    def _await_restart(self, err: SyscallError, resume: float, deadline: float | None) -> float:
+        """After ``err`` on a blocking call: re-raise it unless it says the kernel went away
+        and ``resume`` allows waiting for one to answer again; then forget the old kernel."""
+        if not resume or err.errno not in ("ECONNRESET", "ECONNREFUSED"):
+            raise err
+        deadline = deadline or time.monotonic() + resume
+        while True:
+            if time.monotonic() > deadline:
+                raise err
+            try:
+                self._boot_id = None
+                self._learn(self.call("nop", _timeout=min(self.timeout, 2.0)))
+                return deadline
+            except SyscallError:
+                time.sleep(0.2)
 
     def close(self) -> None:
         self._sock.close(0)
@@ -212,7 +260,10 @@ def _make_stub(sc: Syscall):
 
 
 for _sc in SYSCALLS:
-    setattr(Client, _sc.name, _make_stub(_sc))
+    if _sc.name in ("read", "wait"):          # written out above: they resume across restarts
+        getattr(Client, _sc.name).__doc__ += f"\n\n{_make_stub(_sc).__doc__}"
+    else:
+        setattr(Client, _sc.name, _make_stub(_sc))
 
 
 def connect(socket: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:

@@ -101,6 +101,7 @@ class Syscall:
     served_by: str = "kernel"         # "kernel" or the name of the service that serves it
     stream: bool = False              # reply is several frames ending with more=false
     blocking: bool = False            # may wait for the scheduler before replying
+    journaled: bool = False           # changes a process: the reply waits for the journal's commit
     doc: str = ""
     returns: str = ""
     arg_by_name: dict = field(default_factory=dict, compare=False, repr=False)
@@ -148,12 +149,20 @@ SYSCALLS: tuple[Syscall, ...] = (
                            "to first token and inter-token latency per priority (cumulative buckets, seconds).",
             returns="{uptime_s, requests, errors, rejects:{errno:count}, frames_dropped, disconnects, procs, steps, "
                     "tokens_generated, tokens_in, tokens_out, preemptions, swaps, recomputes, prefix_hit_tokens, "
-                    "calls:{name:n}, call_errors:{name:n}, latency:{ttft|itl:{nice:{buckets, counts, sum, count}}}}"),
-    Syscall(4, "ps", (Arg("all", "bool", default=False, doc="root: include every user's processes"),),
+                    "calls:{name:n}, call_errors:{name:n}, latency:{ttft|itl:{nice:{buckets, counts, sum, count}}}, "
+                    "journal:{enabled, interval_s, commits, bytes_written, restored, lost, damage}}"),
+    Syscall(4, "ps", (Arg("all", "bool", default=False, doc="root: include every user's processes"),
+                      Arg("lost", "bool", default=False,
+                          doc="instead: the processes the journal held that could not be restored at boot, "
+                              "with the reason")),
             cap="proc", doc="List your processes.",
             returns="[{pid, ppid, user, state, wait, nice, model, tokens_in, tokens_out, kv_blocks, kv_shared, "
                     "kv_swapped, age_s}]"),
-    Syscall(5, "shutdown", cap="admin", doc="Stop the kernel cleanly after replying.", returns="true"),
+    Syscall(5, "shutdown", (Arg("mode", "str", default="checkpoint", choices=("checkpoint", "drain", "discard"),
+                                doc="checkpoint: every process comes back at the next boot; drain: first wait "
+                                    "for the non-interactive ones to end (new spawns get EAGAIN); discard: "
+                                    "drop them all"),),
+            cap="admin", doc="Stop the kernel cleanly after replying.", returns="true"),
     Syscall(6, "user_add", (Arg("name", "str", required=True, max_len=64),
                             Arg("caps", "list", max_len=len(CAPABILITIES), doc="default: all but admin and host",
                                 items=Arg("cap", "str", required=True, choices=CAPABILITIES))),
@@ -186,15 +195,21 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("kg_budget", "int", default=256, min=1, max=8192, doc="most words of facts to add"),
         Arg("stopped", "bool", default=False,
             doc="start STOPPED (kill CONT runs it): e.g. fork it at its prompt for n-way sampling"),
-    ), cap="proc", doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
+    ), cap="proc", journaled=True, doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
         returns="pid"),
     Syscall(12, "write", (_pid(), Arg("text", "str", max_len=_TEXT), _MESSAGES,
                           Arg("ids", "list", max_len=_IDS, items=_TOKEN_ID),
                           Arg("max_tokens", "int", min=1, max=1 << 20, doc="for the new turn")),
-            cap="proc", doc="Append input to an interactive process waiting for input; starts a new turn.",
+            cap="proc", journaled=True, doc="Append input to an interactive process waiting for input; starts a new turn.",
             returns="{pid, tokens_in}"),
-    Syscall(13, "read", (_pid(),), cap="proc", stream=True, blocking=True,
-            doc="Stream the current turn's output from where it starts; frames until the turn ends.",
+    Syscall(13, "read", (_pid(), Arg("since", "int", default=0, min=0, max=1 << 30,
+                                     doc="output token ids of this turn the caller already has: the stream "
+                                         "starts after them (a reader resuming after a restart sees each "
+                                         "token once)"),
+                         Arg("since_text", "int", default=0, min=0, max=1 << 32,
+                             doc="characters of this turn's text the caller already has")),
+            cap="proc", stream=True, blocking=True,
+            doc="Stream the current turn's output from where it starts (or from since); frames until the turn ends.",
             returns="frames {text, token_ids} ... final {text, token_ids, finish_reason, events}"),
     Syscall(14, "wait", (_pid(), Arg("timeout", "float", min=0.0, max=86400.0,
                                      doc="seconds; ETIMEDOUT when passed (process not reaped)")),
@@ -203,16 +218,16 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="{pid, text, token_ids, finish_reason, events, usage:{prompt_tokens, completion_tokens, cached_tokens}, "
                     "accounting:{preemptions, swaps, recomputes}}"),
     Syscall(15, "kill", (_pid(), Arg("sig", "str", default="TERM", choices=("TERM", "KILL", "STOP", "CONT", "INT"))),
-            cap="proc", doc="Send a signal: TERM/KILL end it, STOP pauses it (KV swapped first under pressure), CONT "
+            cap="proc", journaled=True, doc="Send a signal: TERM/KILL end it, STOP pauses it (KV swapped first under pressure), CONT "
                             "resumes, INT ends the current turn (an interactive process keeps its KV and waits for "
                             "input: finish_reason 'interrupted'; others end as with TERM).",
             returns="true"),
-    Syscall(16, "nice", (_pid(), Arg("value", "int", required=True, min=-20, max=19)), cap="proc",
+    Syscall(16, "nice", (_pid(), Arg("value", "int", required=True, min=-20, max=19)), cap="proc", journaled=True,
             doc="Change a process's priority (nice value).", returns="{pid, nice}"),
     Syscall(17, "fork", (_pid(), Arg("n", "int", default=1, min=1, max=64),
                          Arg("seed", "int", min=0, max=2**63 - 1, doc="child i gets seed+i"),
                          Arg("temperature", "float", min=0.0, max=100.0)),
-            cap="proc", doc="Clone a live process n times, sharing its full KV blocks copy-on-write.",
+            cap="proc", journaled=True, doc="Clone a live process n times, sharing its full KV blocks copy-on-write.",
             returns="[pid, ...]"),
     Syscall(18, "pinfo", (_pid(),), cap="proc", doc="Everything about one process (its PCB).",
             returns="{pid, ppid, user, state, nice, model, sampling, tokens_in, tokens_out, ...}"),

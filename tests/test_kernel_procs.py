@@ -122,26 +122,40 @@ def test_a_client_that_disconnects_mid_stream_leaves_nothing_behind(k):
         assert c.ps() == [] and c.meminfo()["blocks_used"] == 0
 
 
-def test_a_kernel_restart_during_wait_is_reported_not_hung(start_kernel, tiny_models):
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_wait_goes_on_across_a_kernel_restart_or_reports_it(start_kernel, tiny_models, resume):
+    """The journal brings the STOPPED process back; the client's wait resumes on the new kernel
+    and ends when the process does. Without resuming it reports the restart, never hangs."""
     kp = start_kernel(*ARGS, model=tiny_models["llama"])
     c = kp.client()
     pid = c.spawn(prompt_ids=prompt_of(5), max_tokens=10, interactive=True)
-    c.kill(pid, "STOP")                           # the wait below can only end by a restart
-    err = []
+    c.kill(pid, "STOP")                           # the wait below cannot end before the restart
+    got = []
 
     def waiter():
         try:
-            c.wait(pid)
+            got.append(c.wait(pid, resume=60.0 if resume else 0))
         except SyscallError as e:
-            err.append(e.errno)
+            got.append(e.errno)
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.5)
+    with kp.client() as other:                    # the wait is in the kernel before it dies
+        deadline = time.monotonic() + 30
+        while other.stat()["calls"].get("wait", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
     kp.stop(signal.SIGKILL)
-    KernelProc(*ARGS, model=tiny_models["llama"], state=kp.state).start()   # same socket, new boot
-    t.join(30)
-    assert not t.is_alive() and err == ["ECONNRESET"]
+    again = KernelProc(*ARGS, model=tiny_models["llama"], state=kp.state).start()   # same socket, new boot
+    try:
+        with again.client() as c2:
+            assert c2.pinfo(pid)["state"] == "STOPPED"
+            if resume:
+                c2.kill(pid, "CONT")
+        t.join(60)
+        assert not t.is_alive()
+        assert got == ["ECONNRESET"] if not resume else got[0]["pid"] == pid
+    finally:
+        again.stop()
 
 
 def test_shutdown_cancels_pending_waits(k):

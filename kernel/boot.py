@@ -154,7 +154,7 @@ def take_pidfile(state: Path, socket: str) -> Path:
         pid = int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pid = None
-    if pid and pid != os.getpid() and _alive(pid):
+    if pid and pid != os.getpid() and _alive(pid):     # a zombie or a reused pid is no kernel
         raise SystemExit(f"llmos: a kernel is already running (pid {pid}, pidfile {pidfile})")
     if _socket_answers(socket):
         raise SystemExit(f"llmos: another kernel already serves {socket}")
@@ -163,13 +163,7 @@ def take_pidfile(state: Path, socket: str) -> Path:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return locate.kernel_alive(pid)
 
 
 def _socket_answers(endpoint: str) -> bool:

@@ -34,3 +34,18 @@ def is_ipc(endpoint: str) -> bool:
 
 def ipc_path(endpoint: str) -> str:
     return endpoint[len("ipc://"):]
+
+
+def kernel_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running llmos kernel: a live process (not a zombie waiting to be
+    reaped, not a process that reused the pid of a dead kernel) running ``llmos.kernel``."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return any("llmos.kernel" in part for part in proc.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:        # another user's process: assume it is one
+        return True

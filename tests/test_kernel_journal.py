@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import KernelProc, errno_of
+from test_cli import llmos
 from fixtures_models import prompt_of, tiny_models  # noqa: F401
 from llmos.drivers.batch import SamplingParams
 from llmos.kernel.journal import Journal
@@ -164,17 +165,18 @@ def test_a_sigkilled_kernel_brings_back_every_process_and_each_ends_as_if_nothin
 
 
 def test_a_clean_stop_checkpoints_and_discard_drops(tiny_models):
+    """``llmos kernel stop`` (its process a zombie of this test until reaped: not a kernel)."""
     path = tiny_models["llama"]
     k = _kernel(path)
     try:
         with k.client() as c:
             pid = c.spawn(prompt_ids=prompt_of(9), max_tokens=NEW, ignore_eos=True, stopped=True)
-            c.shutdown()
+        assert "come back at the next start" in llmos(k, "kernel", "stop").stdout
         k.proc.wait(60)
         k.start()
         with k.client() as c:
             assert c.pinfo(pid)["state"] == "STOPPED"
-            c.shutdown(mode="discard")
+        assert "dropped" in llmos(k, "kernel", "stop", "--discard").stdout
         k.proc.wait(60)
         k.start()
         with k.client() as c:
@@ -217,5 +219,6 @@ def test_a_process_whose_model_is_gone_is_listed_as_lost(tiny_models, tmp_path):
             (lost,) = c.ps(lost=True)
             assert lost["pid"] == pid and lost["model"] == "other" and "unknown model" in lost["reason"]
             assert c.stat()["journal"]["lost"] == 1
+        assert f"{pid}  other: unknown model" in llmos(k, "ps", "--lost").stdout
     finally:
         k.cleanup()

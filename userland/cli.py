@@ -2,7 +2,7 @@
 
     llmos                               the interactive shell (also: llmos shell)
     llmos kernel start [--foreground] [--socket S] [--state-dir D] [kernel options]
-    llmos kernel stop | status
+    llmos kernel stop [--drain | --discard] | status
     llmos user add NAME [--caps proc,mm,...] | token NAME | list
     llmos ps [--all] | top [--once] | free | models | load NAME | unload NAME | svc list|start|stop
     llmos spawn PROMPT | chat [MODEL] | kill | stop | cont | nice | fork | wait | read | write | pinfo
@@ -81,23 +81,28 @@ def kernel_start(argv: list[str]) -> int:
 
 
 def kernel_stop(argv: list[str]) -> int:
+    """Stop the kernel; its processes come back at the next start (the journal), unless
+    ``--discard``; ``--drain`` first lets the non-interactive ones finish."""
     state, socket = _state_and_socket(argv)
     pid = _pid_of(state)
+    mode = "drain" if "--drain" in argv else "discard" if "--discard" in argv else "checkpoint"
     try:
         with connect(socket, locate.saved_token(state), timeout=5.0) as c:
-            c.shutdown()
+            c.shutdown(mode=mode)
     except SyscallError as err:
         if pid is None:
             print(f"llmos: no kernel running ({err.message})", file=sys.stderr)
             return 1
         if _alive(pid):
             os.kill(pid, 15)  # the kernel doesn't answer: SIGTERM stops it cleanly too
-    for _ in range(300):
+    limit = 3600 if mode == "drain" else 30
+    for _ in range(limit * 10):
         if pid is None or not _alive(pid):
-            print("kernel stopped")
+            print("kernel stopped" + ("; its processes were dropped" if mode == "discard" else
+                                      "; its processes come back at the next start"))
             return 0
         time.sleep(0.1)
-    print(f"llmos: kernel (pid {pid}) still running after 30 s", file=sys.stderr)
+    print(f"llmos: kernel (pid {pid}) still running after {limit} s", file=sys.stderr)
     return 1
 
 
@@ -125,11 +130,7 @@ def _pid_of(state: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    return locate.kernel_alive(pid)
 
 
 def _tail(path: Path, n: int = 20) -> str:

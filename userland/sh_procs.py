@@ -44,8 +44,13 @@ def _stream_markdown(ctx, pid: int) -> dict:
 
 
 @command("ps", "List processes (yours; root: --all for everyone's).",
-         arg("-a", "--all", action="store_true", help="every user's processes (root)"))
+         arg("-a", "--all", action="store_true", help="every user's processes (root)"),
+         arg("--lost", action="store_true", help="the processes the journal could not bring back at boot, and why"))
 def ps(ctx, a):
+    if a.lost:
+        rows = ctx.client.ps(all=a.all, lost=True)
+        ctx.out(rows, "\n".join(f"{r['pid']:>6}  {r['model']}: {r['reason']}" for r in rows) or "no lost processes")
+        return
     rows = ctx.client.ps(all=a.all)
     ctx.out(rows, render.ps_view(rows, ctx.client.shares(all=a.all)))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmos.kernel import sysinfo, sysmm, sysmodel, sysproc, syssvc, systenancy, userfs
+from llmos.kernel import images, sysinfo, sysmm, sysmodel, sysproc, syssvc, systenancy, userfs
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.table import BY_NAME, SYSCALLS
 
@@ -51,6 +51,8 @@ _BY_NAME: dict[str, Callable] = {
     "alert_set": sysinfo.sys_alert_set,
     "user_set": systenancy.sys_user_set,
     "shares": systenancy.sys_shares,
+    "checkpoint": lambda k, call: images.checkpoint(k, call.user, call.args["pid"]),
+    "restore": images.restore_image,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}

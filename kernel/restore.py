@@ -41,15 +41,20 @@ def restore(procs, saved: list[Saved]) -> list[dict]:
 
 
 def _restore_one(procs, s: Saved) -> None:
-    f = s.fields
     if procs.table.get(s.pid) is not None:
         raise ValueError("its pid is taken")
-    entry = procs.entry(f["model"])
+    bring_back(procs, procs.entry(s.fields["model"]), s.pid, s.fields, s.token_ids)
+
+
+def bring_back(procs, entry, pid: int, f: dict, token_ids: list[int]) -> Process:
+    """A process made from its journal record (or a checkpoint image's) put in the table as
+    it was: queued on ``entry``'s scheduler, or waiting for the model. Raises (KeyError,
+    TypeError, ValueError, SyscallError) and changes nothing when it cannot."""
     state = ProcState(f["state"])
     proc = Process(
-        pid=s.pid, ppid=f["ppid"], uid=f["uid"], model=entry.name, created_at=f["created_at"], nice=f["nice"],
+        pid=pid, ppid=f["ppid"], uid=f["uid"], model=entry.name, created_at=f["created_at"], nice=f["nice"],
         sampling=SamplingParams(**f["sampling"]), max_tokens=f["max_tokens"], stop_token_ids=f["stop_token_ids"],
-        ignore_eos=f["ignore_eos"], interactive=f["interactive"], adapter=f["adapter"], token_ids=list(s.token_ids),
+        ignore_eos=f["ignore_eos"], interactive=f["interactive"], adapter=f["adapter"], token_ids=list(token_ids),
         num_prompt_tokens=f["num_prompt_tokens"], turn_start=f["turn_start"], tokens_in=f["tokens_in"])
     if not 0 < proc.turn_start <= proc.num_tokens or proc.num_prompt_tokens > proc.num_tokens:
         raise ValueError(f"its turn starts at {proc.turn_start} of {proc.num_tokens} tokens")
@@ -69,7 +74,7 @@ def _restore_one(procs, s: Saved) -> None:
     if state is ProcState.ZOMBIE:
         proc.state = state
         procs.table.add(proc)
-        return
+        return proc
     resident = procs.models.fault(entry, nice=proc.nice)
     if state in KEPT:
         proc.state = state
@@ -86,3 +91,4 @@ def _restore_one(procs, s: Saved) -> None:
             proc.wake()
     elif proc.wait is not Wait.INPUT:
         proc.block(Wait.MODEL)
+    return proc

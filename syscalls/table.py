@@ -316,6 +316,17 @@ SYSCALLS: tuple[Syscall, ...] = (
                             "users with live processes), tokens served, live processes and KV blocks (a block your "
                             "processes share counts once) against your quotas.",
             returns="[{user, uid, share, fraction, tokens_served, procs, max_procs, kv_blocks, kv_quota}]"),
+    Syscall(38, "checkpoint", (_pid(),), cap="proc",
+            doc="A self-contained image of a live process: its record (sampling seed, parameters, state, turn), "
+                "every token, and the model it needs, named and hashed (config and weight files). restore makes "
+                "a new process from it, here or on another kernel; its KV is recomputed, not carried.",
+            returns="{format, pid, model:{name, hash}, adapter, process:{...}, token_ids}"),
+    Syscall(39, "restore", (Arg("image", "map", required=True, max_len=64, doc="what checkpoint returned"),),
+            cap="proc", journaled=True,
+            doc="A new process of yours from a checkpoint image, in the state it was checkpointed in (STOPPED "
+                "stays STOPPED); it continues exactly as the original would have. EINVAL names what is wrong: "
+                "not an image, a malformed field, or a model that differs here (its hash).",
+            returns="pid"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

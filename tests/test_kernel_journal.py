@@ -9,6 +9,7 @@ import pytest
 from conftest import KernelProc, errno_of
 from test_cli import llmos
 from fixtures_models import prompt_of, tiny_models  # noqa: F401
+from llmos import SyscallError
 from llmos.drivers.batch import SamplingParams
 from llmos.kernel.journal import Journal
 from llmos.kernel.proc import Process, ProcState
@@ -220,5 +221,110 @@ def test_a_process_whose_model_is_gone_is_listed_as_lost(tiny_models, tmp_path):
             assert lost["pid"] == pid and lost["model"] == "other" and "unknown model" in lost["reason"]
             assert c.stat()["journal"]["lost"] == 1
         assert f"{pid}  other: unknown model" in llmos(k, "ps", "--lost").stdout
+    finally:
+        k.cleanup()
+
+
+def test_killed_at_twenty_random_moments_no_acknowledged_spawn_or_write_is_lost_nor_a_token_torn(tiny_models):
+    """20 SIGKILLs, each at a random point of a workload (after a random number of streamed
+    frames): every spawn and write the kernel acknowledged is there after the restart, and a
+    stream read across all of them equals the process's final output — no token lost, torn or
+    twice. Each process's output equals that of a fresh, uninterrupted spawn."""
+    import random
+    rng = random.Random(14)
+    path = tiny_models["llama"]
+    k = _kernel(path)
+    acked, turns = [], []
+    try:
+        with k.client() as c:
+            chat = c.spawn(prompt_ids=prompt_of(5, 3), max_tokens=4, interactive=True, ignore_eos=True)
+            watched = c.spawn(prompt_ids=prompt_of(7, 1), max_tokens=400, ignore_eos=True)
+            stream, seen = c.read(watched), []
+            for round_ in range(20):
+                acked += [c.spawn(prompt_ids=prompt_of(4 + round_ % 7, round_), max_tokens=8 + round_,
+                                  ignore_eos=True, temperature=0.7, seed=round_) for _ in range(2)]
+                if c.pinfo(chat)["state"] == "BLOCKED":
+                    ids = prompt_of(2, 30 + round_)
+                    c.write(chat, ids=ids)
+                    turns.append(ids)
+                for _ in range(rng.randrange(4)):
+                    frame = next(stream, None)          # None: it has ended (its final frame was read)
+                    seen += frame["token_ids"] if frame else []
+                k.stop(signal.SIGKILL)
+                k.start()
+                assert set(acked) <= {p["pid"] for p in c.ps()}, f"round {round_}: an acknowledged spawn is gone"
+            for frame in stream:
+                seen += frame["token_ids"]
+            final = c.wait(watched)["token_ids"]
+            history = c.pinfo(chat)
+            results = {pid: c.wait(pid)["token_ids"] for pid in acked}
+            fresh = {pid: c.wait(c.spawn(prompt_ids=prompt_of(4 + (i // 2) % 7, i // 2), max_tokens=8 + i // 2,
+                                         ignore_eos=True, temperature=0.7, seed=i // 2))["token_ids"]
+                     for i, pid in enumerate(acked)}
+    finally:
+        k.cleanup()
+    assert seen == final and len(final) == 400
+    assert history["num_tokens"] >= 5 + sum(len(t) for t in turns) + 4 * len(turns)   # every acked turn is in it
+    assert results == fresh
+
+
+# ----- checkpoint and restore -----
+def test_checkpoint_then_restore_on_another_kernel_continues_token_for_token(tiny_models, tmp_path):
+    import shutil
+    path = tiny_models["llama"]
+    a, b = _kernel(path), _kernel(path)
+    try:
+        with a.client() as c:
+            whole = c.wait(c.spawn(prompt_ids=prompt_of(9, 5), max_tokens=NEW, temperature=0.8, seed=3,
+                                   ignore_eos=True))["token_ids"]
+            pid = c.spawn(prompt_ids=prompt_of(9, 5), max_tokens=NEW, temperature=0.8, seed=3, ignore_eos=True)
+            stream, part = c.read(pid), []
+            while len(part) < 5:
+                part += next(stream)["token_ids"]
+            c.kill(pid, "STOP")
+            image = c.checkpoint(pid)
+        assert image["model"]["hash"] and len(image["token_ids"]) >= 9 + 5
+        with b.client() as c:
+            new = c.restore(image)
+            assert c.pinfo(new)["state"] == "STOPPED"          # as it was checkpointed
+            c.kill(new, "CONT")
+            rest = c.wait(new)["token_ids"]
+        done = len(image["token_ids"]) - 9
+        assert whole[:done] == image["token_ids"][9:] and rest == whole
+        other = tmp_path / "other"                              # the same name, other weights
+        shutil.copytree(tiny_models["qwen2"], other)
+        k = _kernel(str(other))
+        try:
+            with k.client() as c:
+                bad = {**image, "model": {**image["model"], "name": c.models()[0]["name"]}}
+                with pytest.raises(SyscallError, match="is not the image's"):
+                    c.restore(bad)
+        finally:
+            k.cleanup()
+    finally:
+        a.cleanup()
+        b.cleanup()
+
+
+def test_a_bad_image_is_refused_with_the_reason_and_an_image_is_the_callers(tiny_models):
+    k = _kernel(tiny_models["llama"])
+    try:
+        with k.client() as root:
+            pid = root.spawn(prompt_ids=prompt_of(6), max_tokens=NEW, stopped=True)
+            image = root.checkpoint(pid)
+            alice = k.client(token=root.user_add("alice")["token"])
+            assert errno_of(alice.checkpoint, pid) == "ESRCH"         # another user's process
+            bad = [{"format": "tar"}, {**image, "token_ids": [-1]}, {**image, "token_ids": "abc"},
+                   {**image, "process": {**image["process"], "state": "zombie"}},
+                   {**image, "process": {**image["process"], "nice": 99}},
+                   {**image, "process": {**image["process"], "sampling": {"temperature": -5}}},
+                   {**image, "process": None}, {**image, "model": {"name": "nope", "hash": "x"}}]
+            for b in bad:
+                assert errno_of(alice.restore, b) in ("EINVAL", "ENOENT"), b
+            mine = alice.restore(image)                                # root's image, alice's process
+            assert [p["pid"] for p in alice.ps()] == [mine] and alice.pinfo(mine)["user"] == "alice"
+            root.kill(pid, "CONT")
+            alice.kill(mine, "CONT")
+            assert alice.wait(mine)["token_ids"] == root.wait(pid)["token_ids"]
     finally:
         k.cleanup()

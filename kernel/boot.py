@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--journal-interval", type=float, default=0.05, metavar="SECONDS",
                    help="group commit interval of the process journal (0: at every loop turn); a crash "
                         "loses at most this much of unacknowledged progress, which is regenerated")
+    p.add_argument("--session-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="a client session not heard from this long has ended: its interactive and hup=True "
+                        "processes get HUP (end and are reaped)")
+    p.add_argument("--zombie-ttl", type=float, default=3600.0, metavar="SECONDS",
+                   help="an ended process nobody waits for is reaped this long after it ended")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
@@ -90,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         aliases=dict(_alias(x) for x in a.alias), alerts=dict(_alert(x) for x in a.alert),
         service_call_timeout=a.service_call_timeout, delegates=list(a.delegate),
         journal=not a.no_journal, journal_interval=max(0.0, a.journal_interval),
+        session_timeout=max(0.5, a.session_timeout), zombie_ttl=max(0.0, a.zombie_ttl),
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
 

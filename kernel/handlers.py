@@ -14,6 +14,7 @@ from llmos.syscalls.table import BY_NAME, SYSCALLS
 
 _BY_NAME: dict[str, Callable] = {
     "nop": sysinfo.sys_nop,
+    "bye": sysinfo.sys_bye,
     "uname": sysinfo.sys_uname,
     "whoami": sysinfo.sys_whoami,
     "stat": sysinfo.sys_stat,

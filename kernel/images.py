@@ -81,7 +81,8 @@ def restore_image(k, call) -> int:
                                      f"{prompts.context_len(entry)}")
     systenancy.check_procs(k, user, 1)
     systenancy.check_kv(k, user, len(ids) + 1, entry)
-    f.update(uid=user.uid, ppid=0, adapter=None, adapter_label=None)
+    f.update(uid=user.uid, ppid=0, adapter=None, adapter_label=None, session=call.session, ended_at=None,
+             hup=bool(f.get("hup")))
     try:
         proc = restore.bring_back(ps, entry, k.table.new_pid(), f, ids)
     except (KeyError, TypeError, ValueError) as exc:

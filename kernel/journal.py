@@ -53,6 +53,7 @@ def fields(proc) -> dict:
         "num_recomputes": proc.num_recomputes, "num_cached_tokens": proc.num_cached_tokens,
         "stop": list(io.stop), "kg_facts": list(io.kg_facts), "turn_done": io.turn_done,
         "turn_finish_reason": io.finish_reason, "close_after_turn": io.close_after_turn,
+        "session": proc.session, "hup": proc.hup, "ended_at": proc.ended_at,
     }
 
 
@@ -60,7 +61,7 @@ def _signature(proc) -> tuple:
     """Cheap to compute each commit: changes whenever ``fields`` might."""
     io = proc.io
     return (proc.state, proc.num_tokens, proc.nice, proc.max_tokens, proc.finish_reason, proc.turn_start,
-            proc.wait, proc.stopped_from, io.turn_done, io.close_after_turn, proc.num_preemptions)
+            proc.wait, proc.stopped_from, io.turn_done, io.close_after_turn, proc.num_preemptions, proc.session)
 
 
 @dataclasses.dataclass

@@ -41,6 +41,7 @@ from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.procmgr import ProcManager
 from llmos.kernel.proctable import ProcTable
 from llmos.kernel.security import RateLimiter, User, UserDB
+from llmos.kernel.sessions import Sessions
 from llmos.kernel.services import ServiceManager
 from llmos.kernel.tenancy import Shares
 from llmos.syscalls import abi
@@ -82,6 +83,8 @@ class KernelConfig:
     delegates: list = field(default_factory=list) # plug-ins allowed svc_call (built-ins always are)
     journal: bool = True                   # the process journal (``--no-journal``: processes die with it)
     journal_interval: float = 0.05         # seconds between group commits (0: every loop turn)
+    session_timeout: float = 15.0          # seconds without a heartbeat before a session's HUP
+    zombie_ttl: float = 3600.0             # seconds a zombie nobody waits for is kept
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Call:
     user: User
     sc: Syscall
     args: dict
+    session: str | None = None             # the caller's session (``kernel.sessions``)
 
 
 @dataclass
@@ -125,7 +129,9 @@ class Kernel:
         if models is not None:
             models.park = self.procs.park
         self.journal = Journal(cfg.state_dir / "journal" if cfg.journal else None, cfg.journal_interval)
+        self.sessions = Sessions(cfg.session_timeout, cfg.zombie_ttl)
         self.lost, self.journal_damage = self._restore()
+        self.sessions.adopt(self.table.procs.values())
         self.stop_mode = "checkpoint"          # at shutdown: checkpoint | drain (first) | discard
         self.services = ServiceManager(cfg, self.outbox, models, on_memory_back=self.procs.retry_faulted)
         self.alerts = Alerts(self.outbox, self.table, self.procs.engines, self.metrics, self.services, cfg.alerts)
@@ -219,6 +225,7 @@ class Kernel:
             backlog += self.accept(identity, frames)
         self.serve_queued(self.cfg.max_drain)
         self.procs.expire_waiters()
+        self.sessions.tick(self.procs)
         self.services.tick()
         self.alerts.tick()
 
@@ -257,6 +264,7 @@ class Kernel:
         except SyscallError as err:
             self.outbox.error(identity, req.rid, err)
             return 0
+        self.sessions.touch(user.uid, req.session)
         caller = user.name if svc is not None else user.uid
         queue = self.queues.get(caller)
         if queue is None:
@@ -273,7 +281,7 @@ class Kernel:
             self.users.check_cap(user, sc.cap, sc.name)
             if svc is None and not self.rate.allow(user.uid):
                 raise SyscallError("EAGAIN", f"rate limit: {self.cfg.rate_limit:g} calls/s per user")
-            call = Call(identity, req.rid, user, sc, check_args(sc, req.args))
+            call = Call(identity, req.rid, user, sc, check_args(sc, req.args), req.session)
             result = handlers.dispatch(self, call)
             if result is not PENDING_REPLY:
                 self.outbox.reply(call, result, held=sc.journaled and self.journal.enabled)

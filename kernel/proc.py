@@ -56,6 +56,8 @@ class Process:
     ignore_eos: bool = False
     interactive: bool = False
     adapter: str | None = None                  # LoRA adapter name, None for the base model
+    session: str | None = None                  # the client session that spawned it (HUP)
+    hup: bool = False                           # ends on HUP even if not interactive
 
     # --- owned by the scheduler ---
     token_ids: list[int] = field(default_factory=list)   # prompt + every output so far
@@ -81,6 +83,7 @@ class Process:
     num_cached_tokens: int = 0                  # prefill skipped thanks to the prefix cache
     time_running: float = 0.0                   # seconds in steps that computed it
     first_token_at: float | None = None
+    ended_at: float | None = None               # wall time it became a ZOMBIE (its reap TTL)
 
     # --- the kernel's process manager (never the scheduler) ---
     io: object | None = None                    # ProcIO: text, stop strings, waiters
@@ -158,6 +161,7 @@ class Process:
         """Become a ZOMBIE (the block manager must have freed its KV first)."""
         assert not self.block_ids and not self.host_block_ids, f"pid {self.pid} exits holding KV"
         self.state, self.finish_reason, self.stopped_from, self.wait = ProcState.ZOMBIE, reason, None, None
+        self.ended_at = time.time()
 
     def append_turn(self, token_ids: list[int]) -> None:
         """Input for a new turn: its output starts after these tokens."""

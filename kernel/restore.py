@@ -59,6 +59,7 @@ def bring_back(procs, entry, pid: int, f: dict, token_ids: list[int]) -> Process
     if not 0 < proc.turn_start <= proc.num_tokens or proc.num_prompt_tokens > proc.num_tokens:
         raise ValueError(f"its turn starts at {proc.turn_start} of {proc.num_tokens} tokens")
     proc.finish_reason, proc.tokens_out = f["finish_reason"], f["tokens_out"]
+    proc.session, proc.hup, proc.ended_at = f.get("session"), bool(f.get("hup")), f.get("ended_at")
     for name in ("num_preemptions", "num_swaps", "num_recomputes", "num_cached_tokens"):
         setattr(proc, name, f[name])
     if proc.adapter is not None and f.get("adapter_label") and proc.adapter not in entry.adapter_records:

@@ -11,7 +11,12 @@ from llmos.syscalls.errors import SyscallError
 
 
 def sys_nop(k, call):
-    return {"boot_id": k.boot_id, "max_frame": k.cfg.max_frame}
+    return {"boot_id": k.boot_id, "max_frame": k.cfg.max_frame, "session_timeout": k.sessions.timeout}
+
+
+def sys_bye(k, call):
+    """The caller's session ends cleanly: its processes are not hung up."""
+    return k.sessions.bye(call.user.uid, call.session)
 
 
 def sys_uname(k, call):

@@ -45,7 +45,8 @@ def sys_pinfo(k, call):
             "num_tokens": len(p.token_ids), "num_computed_tokens": p.num_computed_tokens,
             "cached_tokens": p.num_cached_tokens, "preemptions": p.num_preemptions,
             "swaps": p.num_swaps, "recomputes": p.num_recomputes, "events": io.events,
-            "stop": list(io.stop), "kg_facts": io.kg_facts}
+            "stop": list(io.stop), "kg_facts": io.kg_facts, "hup": p.hup, "session": p.session is not None,
+            "reap_in_s": k.sessions.reap_in(p)}
 
 
 def sys_meminfo(k, call):
@@ -104,7 +105,8 @@ def spawn(k, call, a: dict, kg_facts: list[str] = ()) -> int:
     proc = Process(
         pid=k.table.new_pid(), ppid=0, uid=user.uid, model=entry.name, nice=a["priority"],
         sampling=_sampling(a, seed=a["seed"]), max_tokens=a["max_tokens"], stop_token_ids=stop_ids,
-        ignore_eos=a["ignore_eos"], interactive=a["interactive"], adapter=a["adapter"], token_ids=ids)
+        ignore_eos=a["ignore_eos"], interactive=a["interactive"], adapter=a["adapter"], token_ids=ids,
+        session=getattr(call, "session", None), hup=a["hup"])
     ps.start(proc, entry, tuple(a["stop"] or ()), kg_facts)
     if a["stopped"]:
         ps.signal(proc, Signal.STOP)
@@ -186,7 +188,8 @@ def sys_fork(k, call):
             pid=k.table.new_pid(), ppid=parent.pid, uid=parent.uid, model=parent.model, nice=parent.nice,
             sampling=_sampling(a, base=parent.sampling, seed=seed), max_tokens=parent.max_tokens,
             stop_token_ids=parent.stop_token_ids, ignore_eos=parent.ignore_eos,
-            interactive=parent.interactive, adapter=parent.adapter, token_ids=list(parent.token_ids))
+            interactive=parent.interactive, adapter=parent.adapter, token_ids=list(parent.token_ids),
+            session=parent.session, hup=parent.hup)
         k.procs.fork(parent, child)
         pids.append(child.pid)
     return pids

@@ -22,7 +22,7 @@ ABI_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024    # default frame limit (``--max-frame``): larger requests get EMSGSIZE
 SOCKET_CAP_SLACK = 1024 * 1024        # see socket_frame_cap
 MAX_REQUEST_ID_LEN = 64
-REQUEST_KEYS = frozenset({"v", "id", "call", "args", "token"})
+REQUEST_KEYS = frozenset({"v", "id", "call", "args", "token", "session"})
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,15 @@ class Request:
     call: str | int
     args: dict
     token: str | None
+    session: str | None = None     # the client's session (heartbeats, HUP), chosen by the client
 
 
-def encode_request(rid: int | str, call: str | int, args: dict, token: str | None) -> bytes:
-    return msgpack.packb({"v": ABI_VERSION, "id": rid, "call": call, "args": args, "token": token})
+def encode_request(rid: int | str, call: str | int, args: dict, token: str | None,
+                   session: str | None = None) -> bytes:
+    env = {"v": ABI_VERSION, "id": rid, "call": call, "args": args, "token": token}
+    if session is not None:
+        env["session"] = session
+    return msgpack.packb(env)
 
 
 def encode_reply(rid: Any, result: Any = None, more: bool = False) -> bytes:
@@ -104,7 +109,10 @@ def decode_request(frame: bytes, max_frame: int | None = None) -> Request:
     token = env.get("token")
     if token is not None and not isinstance(token, str):
         raise _err(rid, "EPROTO", "envelope 'token' must be a string")
-    return Request(rid=rid, call=call, args=args, token=token)
+    session = env.get("session")
+    if session is not None and not (isinstance(session, str) and 0 < len(session) <= 64):
+        raise _err(rid, "EPROTO", "envelope 'session' must be a string of 1 to 64 characters")
+    return Request(rid=rid, call=call, args=args, token=token, session=session)
 
 
 def read_rid(frame: bytes) -> int | str | None:

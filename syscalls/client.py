@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
+import threading
 import time
 from typing import Any, Iterator
 
@@ -24,6 +26,7 @@ DEFAULT_TIMEOUT = 30.0      # seconds for an ordinary call
 PROBE_EVERY = 2.0           # seconds of silence before a blocking call checks the kernel is alive
 CONNECT_TIMEOUT = 5.0       # seconds to wait for a connection before ECONNREFUSED
 ASK_LIMIT_ABOVE = 64 * 1024  # bytes: a larger request first learns the kernel's frame limit (one nop)
+SESSION_CALLS = ("spawn", "fork", "restore")   # make processes of this session: heartbeats start
 RESUME_TIMEOUT = 120.0      # seconds read and wait wait for a restarted kernel (it restores processes)
 
 
@@ -42,6 +45,11 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)    # never queue requests for a kernel that isn't there
         self._sock.connect(socket)
+        # A session: named in every request, kept alive by a heartbeat thread (its own socket),
+        # ended by close() with a goodbye. Ending without one (a crash) hangs up its processes.
+        self.session = secrets.token_hex(8)
+        self._heartbeat: threading.Thread | None = None
+        self._closing = threading.Event()
         self._boot_id: str | None = None
         self._inflight: set[int] = set()            # pipelined requests not yet answered
         self._early: dict[int, dict] = {}           # their replies that came before their turn
@@ -141,7 +149,38 @@ class Client:
                 time.sleep(0.2)
 
     def close(self) -> None:
+        """Say goodbye (the session's processes are not hung up) and close."""
+        self._closing.set()
+        if self._heartbeat is not None:
+            try:
+                self._sock.send(abi.encode_request(next(self._ids), "bye", {}, self.token, self.session),
+                                zmq.NOBLOCK)
+                self._sock.poll(1000, zmq.POLLIN)          # the goodbye's answer, or give up
+            except zmq.ZMQError:
+                pass
+            self._heartbeat.join(5)
         self._sock.close(0)
+
+    def _start_heartbeat(self, every: float) -> None:
+        if self._heartbeat is None and every > 0:
+            self._heartbeat = threading.Thread(target=self._beat, args=(every,), name="llmos-heartbeat",
+                                               daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self, every: float) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        try:
+            while not self._closing.wait(every):
+                try:
+                    sock.send(abi.encode_request(0, "nop", {}, self.token, self.session), zmq.NOBLOCK)
+                    while sock.poll(0, zmq.POLLIN):
+                        sock.recv()
+                except zmq.ZMQError:
+                    pass
+        finally:
+            sock.close(0)
 
     def __enter__(self):
         return self
@@ -152,11 +191,11 @@ class Client:
     # -- wire ---------------------------------------------------------------------------------
     def _send(self, name, args) -> int:
         sc = lookup(name) if _is_known(name) else None
-        if sc is not None and sc.blocking and self._boot_id is None:
+        if sc is not None and (sc.blocking or sc.name in SESSION_CALLS) and self._boot_id is None:
             # Learn which kernel we talk to, so a restart during the wait is noticed.
             self._learn(self.call("nop"))
         rid = next(self._ids)
-        frame = abi.encode_request(rid, name, _plain(args), self.token)
+        frame = abi.encode_request(rid, name, _plain(args), self.token, self.session)
         if len(frame) > ASK_LIMIT_ABOVE and self.max_frame is None:
             self._learn(self.call("nop"))
         if self.max_frame is not None and len(frame) > self.max_frame:
@@ -173,6 +212,7 @@ class Client:
     def _learn(self, nop: dict) -> None:
         """Remember which kernel we talk to and its frame limit, from a nop's result."""
         self._boot_id = nop["boot_id"]
+        self._start_heartbeat(nop.get("session_timeout", 0) / 3)
         if self.max_frame is None:
             self.max_frame = nop.get("max_frame", abi.MAX_FRAME_BYTES)   # older kernels: the default
 
@@ -209,7 +249,7 @@ class Client:
 
         Returns the pending call's own reply if it arrives meanwhile, else None."""
         probe_rid = next(self._ids)
-        self._sock.send(abi.encode_request(probe_rid, "nop", {}, self.token))
+        self._sock.send(abi.encode_request(probe_rid, "nop", {}, self.token, self.session))
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if not self._sock.poll(100, zmq.POLLIN):

@@ -138,9 +138,10 @@ _SAMPLING = (
 )
 
 SYSCALLS: tuple[Syscall, ...] = (
-    Syscall(0, "nop", doc="Do nothing; measures round-trip cost and tells the kernel's boot id and frame "
-                          "limit (bytes; a larger request gets EMSGSIZE).",
-            returns="{boot_id, max_frame}"),
+    Syscall(0, "nop", doc="Do nothing; measures round-trip cost and tells the kernel's boot id, frame "
+                          "limit (bytes; a larger request gets EMSGSIZE) and session timeout (seconds: a "
+                          "client heartbeats its session more often than that). Doubles as the heartbeat.",
+            returns="{boot_id, max_frame, session_timeout}"),
     Syscall(1, "uname", doc="Kernel identity: version, ABI version, device, the models you may use.",
             returns="{sysname, version, abi, boot_id, device, models:[{name, architecture, random_weights}]}"),
     Syscall(2, "whoami", doc="The authenticated caller.", returns="{user, uid, caps}"),
@@ -193,6 +194,9 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("kg", "any", doc="true or a graph name (mine, shared, all): put the knowledge graph's facts "
                              "about the entities the prompt mentions before it (needs the kg service)"),
         Arg("kg_budget", "int", default=256, min=1, max=8192, doc="most words of facts to add"),
+        Arg("hup", "bool", default=False,
+            doc="end (and be reaped) when the spawning session ends without a goodbye, as interactive "
+                "processes do; otherwise it runs on"),
         Arg("stopped", "bool", default=False,
             doc="start STOPPED (kill CONT runs it): e.g. fork it at its prompt for n-way sampling"),
     ), cap="proc", journaled=True, doc="Start a generation process. Exactly one of prompt, messages, prompt_ids.",
@@ -327,6 +331,8 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "stays STOPPED); it continues exactly as the original would have. EINVAL names what is wrong: "
                 "not an image, a malformed field, or a model that differs here (its hash).",
             returns="pid"),
+    Syscall(40, "bye", doc="End this session cleanly (the envelope's session): its processes are not sent HUP.",
+            returns="true if the session was known"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -226,7 +226,8 @@ def parse_job(body: dict, chat: bool) -> Job:
     priority = _int(body, "priority", -20, 19, 0)
     spawn = {**source, "model": model, "max_tokens": max_tokens, "priority": priority,
              "temperature": _float(body, "temperature", 0.0, 2.0, 1.0), "top_p": max(top_p, 1e-6),
-             "top_k": _int(body, "top_k", 0, MAX_TOKENS_LIMIT), "stop": _stop(body.get("stop"))}
+             "top_k": _int(body, "top_k", 0, MAX_TOKENS_LIMIT), "stop": _stop(body.get("stop")),
+             "hup": True}           # if the gateway dies mid-request, its processes end with its session
     return Job(chat=chat, model=model, spawn_args={k: v for k, v in spawn.items() if v is not None},
                n=_int(body, "n", 1, MAX_N, 1), seed=None if seed is None else seed % (1 << 63),
                priority=priority, stream=_bool(body, "stream"),

@@ -83,6 +83,7 @@ class Service:
         self._request("svc_register", {"name": self.name, "calls": [schema_of(sc) for sc in self.calls],
                                        "pid": os.getpid()})
         next_beat = time.monotonic() + HEARTBEAT_S
+        kernel_pid = os.getppid()        # the kernel started us: when it is gone, so are we
         self._done: queue.SimpleQueue = queue.SimpleQueue()     # replies from worker threads
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{self.name}-call")
         self._busy = 0
@@ -107,6 +108,9 @@ class Service:
                 self._busy -= not more
                 self._reply(kid, ok, payload, more)
             if time.monotonic() >= next_beat:
+                if os.getppid() != kernel_pid:
+                    log.warning("%s: its kernel (pid %d) is gone; exiting", self.name, kernel_pid)
+                    return
                 self._request("svc_heartbeat", {"name": self.name})
                 next_beat = time.monotonic() + HEARTBEAT_S
 

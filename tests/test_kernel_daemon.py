@@ -97,3 +97,73 @@ def test_tcp_on_loopback_works_and_other_interfaces_are_refused(start_kernel, tm
     r = subprocess.run([sys.executable, "-m", "llmos.kernel", "--model", "none", "--state-dir", str(tmp_path),
                         "--socket", "tcp://0.0.0.0:5999"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "refusing" in r.stderr
+
+
+def _kernel_pid(state: Path) -> int | None:
+    try:
+        return int((state / "kernel.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_the_supervisor_restarts_a_crashed_kernel_and_its_processes_come_back(state):
+    import signal
+    import psutil
+    from conftest import wait_for
+    from llmos import connect
+    from llmos.syscalls import locate
+    r = llmos(state, "kernel", "start", "--no-services", "--device", "cpu", "--dtype", "float32")
+    assert r.returncode == 0 and "supervisor pid" in r.stdout, r.stderr
+    first = _kernel_pid(state)
+    sock, token = locate.default_socket(state), locate.saved_token(state)
+    with connect(sock, token) as c:
+        pid = c.spawn(prompt="hello", max_tokens=8, stopped=True)
+    os.kill(first, signal.SIGKILL)                         # a crash
+    wait_for(lambda: _kernel_pid(state) not in (None, first) and locate.kernel_alive(_kernel_pid(state)),
+             timeout=120)
+    with connect(sock, token) as c:
+        wait_for(lambda: _answers(c), timeout=120)
+        assert c.pinfo(pid)["state"] == "STOPPED"          # restored from the journal
+    supervisor = psutil.Process(psutil.Process(_kernel_pid(state)).ppid())
+    assert "llmos.kernel.supervise" in " ".join(supervisor.cmdline())
+    r = llmos(state, "kernel", "stop")
+    assert r.returncode == 0 and "stopped" in r.stdout
+    supervisor.wait(30)                                    # a clean stop ends the supervisor too
+
+
+def _answers(c) -> bool:
+    from llmos import SyscallError
+    try:
+        return bool(c.nop())
+    except SyscallError:
+        return False
+
+
+def test_a_dead_pid_in_the_pidfile_does_not_block_a_start(state):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "kernel.pid").write_text(f"{dead.pid}\nipc://nowhere\n")
+    r = llmos(state, "kernel", "start", "--model", "none")
+    assert r.returncode == 0, r.stderr
+
+
+def test_services_exit_when_their_kernel_dies_and_the_next_kernel_gets_their_stores():
+    import signal
+    import psutil
+    from conftest import wait_for
+    k = KernelProc("--service", "kg").start()
+    try:
+        with k.client() as c:
+            wait_for(lambda: any(s["name"] == "kg" and s["state"] == "up" for s in c.svc_list()), timeout=120)
+            kg = next(s["pid"] for s in c.svc_list() if s["name"] == "kg")
+            c.call("kg_add", triples=[["Ada", "works_at", "Acme"]])
+        k.stop(signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(kg) or psutil.Process(kg).status() == psutil.STATUS_ZOMBIE,
+                 timeout=10)                              # noticed within a heartbeat or so, not ~20 s
+        k.start()
+        with k.client() as c:
+            wait_for(lambda: any(s["name"] == "kg" and s["state"] == "up" for s in c.svc_list()), timeout=120)
+            assert c.call("kg_query", pattern=[["Ada", "works_at", "?x"]])
+    finally:
+        k.cleanup()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 
 from conftest import KernelProc, wait_for
@@ -88,17 +89,39 @@ def test_commands_print_tables(shell, client):
     client.wait(pid)
 
 
+class Screen:
+    """What the terminal shows, not the bytes that drew it: prompt_toolkit may redraw a line in
+    pieces (``svc_li``, cursor moves, ``st``), most often on a loaded machine."""
+
+    def __init__(self, sh: pexpect.spawn):
+        self.sh, self.screen = sh, pyte.Screen(120, 40)
+        self.stream = pyte.Stream(self.screen)
+
+    def expect(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.screen.display):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not on the screen:\n" + "\n".join(self.screen.display))
+            try:
+                self.stream.feed(self.sh.read_nonblocking(4096, timeout=0.2))
+            except pexpect.TIMEOUT:
+                pass
+
+
+def completes(sh: pexpect.spawn, typed: str, shown: str) -> None:
+    """Type ``typed`` (ending in Tab) and wait until the screen shows ``shown``."""
+    screen = Screen(sh)
+    sh.send(typed)
+    screen.expect(shown)
+
+
 def test_tab_completes_commands_and_call_names(shell):
-    shell.send("who\t")
-    shell.expect_exact("whoami")
+    completes(shell, "who\t", "whoami")
     run(shell, "", "caps")
-    shell.send("call svc_li\t")            # a kernel call, from the syscall table
-    shell.expect_exact("svc_list")
+    completes(shell, "call svc_li\t", "call svc_list")     # a kernel call, from the syscall table
     run(shell, "", "kg")
-    shell.send("call kg_sea\t")             # a service's call, from svc_list's schemas
-    shell.expect_exact("kg_search")
-    shell.send(" te\t")                    # ...and its argument names
-    shell.expect_exact("text=")
+    completes(shell, "call kg_sea\t", "call kg_search")    # a service's call, from svc_list's schemas
+    completes(shell, " te\t", " text=")                   # ...and its argument names
     run(shell, "nobody", "(none)")
 
 

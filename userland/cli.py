@@ -1,7 +1,7 @@
 """The ``llmos`` command.
 
     llmos                               the interactive shell (also: llmos shell)
-    llmos kernel start [--foreground] [--socket S] [--state-dir D] [kernel options]
+    llmos kernel start [--foreground | --no-supervise] [--socket S] [--state-dir D] [kernel options]
     llmos kernel stop [--drain | --discard] | status
     llmos user add NAME [--caps proc,mm,...] | token NAME | list
     llmos ps [--all] | top [--once] | free | models | load NAME | unload NAME | svc list|start|stop
@@ -46,10 +46,15 @@ def _state_and_socket(argv: list[str]) -> tuple[Path, str]:
 
 
 def kernel_start(argv: list[str]) -> int:
+    """Start the kernel in the background under its supervisor (``kernel.supervise``: restarted
+    after a crash, its processes restored); ``--foreground`` runs it here, ``--no-supervise``
+    without the supervisor."""
     state, socket = _state_and_socket(argv)
-    cmd = [sys.executable, "-m", "llmos.kernel", *[a for a in argv if a != "--foreground"]]
+    args = [a for a in argv if a not in ("--foreground", "--no-supervise")]
     if "--foreground" in argv:
-        os.execv(sys.executable, cmd)
+        os.execv(sys.executable, [sys.executable, "-m", "llmos.kernel", *args])
+    supervised = "--no-supervise" not in argv
+    cmd = [sys.executable, "-m", "llmos.kernel.supervise" if supervised else "llmos.kernel", *args]
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = open(state / "kernel.out", "ab")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -62,8 +67,8 @@ def kernel_start(argv: list[str]) -> int:
                   file=sys.stderr)
             print(_tail(state / "kernel.out"), file=sys.stderr)
             return 1
-        token = locate.saved_token(state)
-        if token and _pid_of(state) == proc.pid:     # our child owns the pidfile: ask it
+        token, kernel_pid = locate.saved_token(state), _pid_of(state)
+        if token and kernel_pid and _started_by(kernel_pid, proc.pid, supervised):   # ours: ask it
             try:
                 with connect(socket, token, timeout=1.0) as c:
                     c.nop()
@@ -74,7 +79,8 @@ def kernel_start(argv: list[str]) -> int:
     else:
         print("llmos: kernel did not answer within 300 s", file=sys.stderr)
         return 1
-    print(f"kernel started (pid {proc.pid}) on {socket}")
+    print(f"kernel started (pid {kernel_pid}" + (f", supervisor pid {proc.pid}" if supervised else "")
+          + f") on {socket}")
     if first_boot:
         print(f"root token (shown once; saved to {state / locate.TOKEN_NAME}):\n{locate.saved_token(state)}")
     return 0
@@ -127,6 +133,17 @@ def _pid_of(state: Path) -> int | None:
         return int((state / "kernel.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _started_by(kernel_pid: int, pid: int, supervised: bool) -> bool:
+    """Whether the kernel in the pidfile is the one ``pid`` started (itself, or its child)."""
+    import psutil
+    if not supervised:
+        return kernel_pid == pid
+    try:
+        return psutil.Process(kernel_pid).ppid() == pid
+    except psutil.Error:
+        return False
 
 
 def _alive(pid: int) -> bool:

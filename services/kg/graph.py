@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +65,8 @@ class GraphStore:
     the replay work when the store is opened again.
     """
 
-    def __init__(self, root: Path | str, *, compact_ops: int = 1000, compact_bytes: int = 4 << 20):
+    def __init__(self, root: Path | str, *, compact_ops: int = 1000, compact_bytes: int = 4 << 20,
+                 lock_wait: float = 0.0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.compact_ops, self.compact_bytes = compact_ops, compact_bytes
@@ -72,11 +74,19 @@ class GraphStore:
         self._closed = False
         self._graphs: dict[str, NamedGraph] = {}  # opened lazily: start-up reads nothing
         self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise KgError("EBUSY", f"{self.root} is open in another graph store") from None
+        # A dead holder's flock is gone with it; ``lock_wait`` gives one that is exiting (the
+        # service of a kernel that died) time to go before this is EBUSY.
+        deadline = time.monotonic() + lock_wait
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(self._lock_fd)
+                raise KgError("EBUSY", f"{self.root} is open in another graph store") from None
         policy_path = self.root / "policy.json"
         try:
             policy = json.loads(policy_path.read_text()) if policy_path.exists() else {}

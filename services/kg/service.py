@@ -56,7 +56,7 @@ class KgService(Service):
     calls = CALLS
 
     def setup(self) -> None:
-        self.store = GraphStore(Path(os.environ.get("LLMOS_SERVICE_DIR", ".")) / "graphs")
+        self.store = GraphStore(Path(os.environ.get("LLMOS_SERVICE_DIR", ".")) / "graphs", lock_wait=10.0)
 
     def handlers(self):
         s = self.store

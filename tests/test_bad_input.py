@@ -111,7 +111,7 @@ def test_a_too_large_client_call_fails_fast_with_emsgsize_and_is_not_sent(start_
         with pytest.raises(SyscallError) as e:
             c.call("nop", pad=pad)
         assert time.monotonic() - t0 < 10
-        size = len(abi.encode_request(1, "nop", {"pad": pad}, c.token))
+        size = len(abi.encode_request(1, "nop", {"pad": pad}, c.token, c.session))
         assert e.value.errno == "EMSGSIZE"
         assert f"{size} bytes" in e.value.message and str(SMALL_FRAME) in e.value.message
         with pytest.raises(SyscallError) as e:               # the limit is known now: small frames too

@@ -110,3 +110,39 @@ def _up(base):
         return httpx.get(base + "/v1/models", timeout=2).status_code in (200, 401)
     except httpx.HTTPError:
         return False
+
+
+def test_a_gateway_stream_goes_on_across_a_kernel_restart(tiny_models):
+    """The gateway's SSE stream resumes by itself when the kernel is SIGKILLed and comes back:
+    the streamed text equals the kernel's own answer, each piece once."""
+    k = KernelProc(*ARGS, model=tiny_models["llama"]).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLMOS_SOCKET": k.socket, "LLMOS_TOKEN": k.token}
+    gw = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "serve-http", "--port", str(port)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _up(base), timeout=60)
+        with k.client() as c:
+            model = c.models()[0]["name"]
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60,
+                "stream": True, "temperature": 0.0, "seed": 1}
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {k.token}"}) as h:
+            whole = h.post(base + "/v1/chat/completions", json={**body, "stream": False}).json()
+            text, killed = "", False
+            with h.stream("POST", base + "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    delta = __import__("json").loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                    text += delta
+                    if delta and not killed:
+                        killed = True
+                        k.stop(signal.SIGKILL)
+                        k.start()
+        assert killed and text == whole["choices"][0]["message"]["content"]
+    finally:
+        gw.kill()
+        k.cleanup()

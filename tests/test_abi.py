@@ -85,3 +85,15 @@ def test_errors_have_linux_codes():
     err = SyscallError("ESRCH", "gone")
     assert (err.errno, err.code, err.message) == ("ESRCH", 3, "gone")
     assert SyscallError.from_wire(err.to_wire()).errno == "ESRCH"
+
+
+def test_an_envelope_names_its_session_or_is_refused():
+    import msgpack
+    req = abi.decode_request(abi.encode_request(3, "nop", {}, "tok", "s1"))
+    assert req.session == "s1" and abi.decode_request(abi.encode_request(3, "nop", {}, "tok")).session is None
+    for bad in (5, "", "x" * 65, ["a"]):
+        frame = msgpack.packb({"v": abi.ABI_VERSION, "id": 9, "call": "nop", "args": {}, "token": None,
+                               "session": bad})
+        with pytest.raises(SyscallError) as e:
+            abi.decode_request(frame)
+        assert e.value.errno == "EPROTO" and e.value.rid == 9

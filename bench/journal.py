@@ -19,7 +19,7 @@ import sys
 import time
 
 import _common as bc
-from throughput import run_llmos
+from throughput import add_workload_args, run_llmos
 
 
 def restart(k) -> float:
@@ -55,15 +55,9 @@ def restore_time(path: str, device: str, dtype: str, num: int) -> tuple[float, f
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    bc.add_model_args(ap)
-    ap.add_argument("--num-procs", type=int, default=64)
-    ap.add_argument("--prompt-lo", type=int, default=32)
-    ap.add_argument("--prompt-hi", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    add_workload_args(ap)
     ap.add_argument("--restore-procs", type=int, default=1000)
     ap.add_argument("--restore-only", action="store_true", help="skip the throughput comparison")
-    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     threads, device, dtype, path = bc.setup(a)
     vocab, _, _ = bc.model_info(path)

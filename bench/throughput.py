@@ -53,17 +53,22 @@ def run_hf(model, prompts: list[list[int]], max_tokens: int, batch: int, pad_id:
     return n / wall
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The model and the workload (also ``bench/journal.py``'s)."""
     bc.add_model_args(ap)
     ap.add_argument("--num-procs", type=int, default=64)
     ap.add_argument("--prompt-lo", type=int, default=32)
     ap.add_argument("--prompt-hi", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--max-batched-tokens", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(ap)
+    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--max-batched-tokens", type=int, default=1024)
     a = ap.parse_args()
 
     import torch

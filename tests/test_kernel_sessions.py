@@ -2,6 +2,7 @@
 interactive and hup=True processes end and are reaped, the others run on — a goodbye hangs up
 nothing, a zombie nobody waits for is reaped after its TTL, and a gateway SIGKILLed mid-stream
 leaves nothing running."""
+import json
 import os
 import signal
 import socket
@@ -78,15 +79,8 @@ def test_a_goodbye_hangs_up_nothing(tiny_models):
 
 def test_a_gateway_sigkilled_mid_stream_leaves_no_process_running(tiny_models):
     k = KernelProc(*ARGS, model=tiny_models["llama"]).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LLMOS_SOCKET": k.socket, "LLMOS_TOKEN": k.token}
-    gw = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "serve-http", "--port", str(port)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gw, base = _gateway(k)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(base), timeout=60)
         body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
                 "n": 3, "stream": True, "temperature": 0.0}
         with k.client() as c, httpx.Client(timeout=60, headers={"Authorization": f"Bearer {k.token}"}) as h:
@@ -105,6 +99,19 @@ def test_a_gateway_sigkilled_mid_stream_leaves_no_process_running(tiny_models):
         k.cleanup()
 
 
+def _gateway(k) -> tuple[subprocess.Popen, str]:
+    """``llmos serve-http`` as its own process on a free port, once it answers; (it, base URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLMOS_SOCKET": k.socket, "LLMOS_TOKEN": k.token}
+    gw = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "serve-http", "--port", str(port)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _up(base) or gw.poll() is not None, timeout=60)
+    return gw, base
+
+
 def _up(base):
     try:
         return httpx.get(base + "/v1/models", timeout=2).status_code in (200, 401)
@@ -116,15 +123,8 @@ def test_a_gateway_stream_goes_on_across_a_kernel_restart(tiny_models):
     """The gateway's SSE stream resumes by itself when the kernel is SIGKILLed and comes back:
     the streamed text equals the kernel's own answer, each piece once."""
     k = KernelProc(*ARGS, model=tiny_models["llama"]).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LLMOS_SOCKET": k.socket, "LLMOS_TOKEN": k.token}
-    gw = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "serve-http", "--port", str(port)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gw, base = _gateway(k)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(base), timeout=60)
         with k.client() as c:
             model = c.models()[0]["name"]
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60,
@@ -136,7 +136,7 @@ def test_a_gateway_stream_goes_on_across_a_kernel_restart(tiny_models):
                 for line in r.iter_lines():
                     if not line.startswith("data: {"):
                         continue
-                    delta = __import__("json").loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                    delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                     text += delta
                     if delta and not killed:
                         killed = True

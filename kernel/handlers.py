@@ -52,8 +52,8 @@ _BY_NAME: dict[str, Callable] = {
     "alert_set": sysinfo.sys_alert_set,
     "user_set": systenancy.sys_user_set,
     "shares": systenancy.sys_shares,
-    "checkpoint": lambda k, call: images.checkpoint(k, call.user, call.args["pid"]),
-    "restore": images.restore_image,
+    "checkpoint": images.sys_checkpoint,
+    "restore": images.sys_restore,
 }
 
 HANDLERS: dict[int, Callable] = {BY_NAME[name].num: fn for name, fn in _BY_NAME.items()}

@@ -9,6 +9,12 @@ here hashes differently, naming what differs; the restored process then continue
 the original would have (its KV is recomputed from its tokens, not carried). An image is input
 like any other: every field is checked, and the new process is the caller's, whatever the
 image says.
+
+``checkpoint(pid, path=P)`` writes the image (msgpack) to the caller's file store instead of
+returning it, and ``restore(path=P)`` reads it from there. A process with a LoRA adapter needs
+the same adapter where it is restored: the image's adapter name (a file-store path such as
+``adapters/x`` is exported from the caller's store, as ``spawn`` does) or ``restore(adapter=…)``,
+checked by hash like the model.
 """
 from __future__ import annotations
 
@@ -16,8 +22,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from llmos.kernel import journal, objects, prompts, restore, systenancy
+import msgpack
+
+from llmos.kernel import journal, objects, prompts, restore, systenancy, userfs
 from llmos.kernel.proc import NICE_MAX, NICE_MIN, ProcState
+from llmos.kernel.procio import PENDING_REPLY
+from llmos.kernel.services import answer_later
 from llmos.syscalls.errors import SyscallError
 
 FORMAT = "llmos-process/1"
@@ -55,9 +65,57 @@ def checkpoint(k, user, pid: int) -> dict:
             "process": journal.fields(proc), "token_ids": list(proc.token_ids)}
 
 
-def restore_image(k, call) -> int:
-    """A new process of the caller's from ``image``; EINVAL naming what is wrong or differs."""
-    image, user, ps = call.args["image"], call.user, k.procs
+def sys_checkpoint(k, call):
+    """The image, or where it was written in the caller's file store (``path``)."""
+    image = checkpoint(k, call.user, call.args["pid"])
+    if call.args["path"] is None:
+        return image
+    k.services.ask("fs_put", {"path": call.args["path"], "data": msgpack.packb(image)}, call.user,
+                   answer_later(k, call, lambda r: {"pid": image["pid"], "path": r["path"], "size": r["size"],
+                                                    "sha256": r["sha256"]}))
+    return PENDING_REPLY
+
+
+def sys_restore(k, call):
+    """Restore ``image``, or the image at ``path`` in the caller's file store (``owner``'s if
+    shared with them); a store adapter is exported first."""
+    a = call.args
+    if (a["image"] is None) == (a["path"] is None):
+        raise SyscallError("EINVAL", "restore takes an image or the path of one in your file store (one of them)")
+    if a["image"] is not None:
+        return _with_adapter(k, call, a["image"])
+    get = {"path": a["path"], **({"owner": a["owner"]} if a["owner"] is not None else {})}
+    k.services.ask("fs_get", get, call.user, answer_later(k, call, lambda data: _with_adapter(k, call, _unpack(data))))
+    return PENDING_REPLY
+
+
+def _unpack(data) -> dict:
+    try:
+        image = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:                # msgpack raises several kinds on foreign bytes
+        raise SyscallError("EINVAL", f"that file is not a process image ({type(exc).__name__})")
+    if not isinstance(image, dict):
+        raise SyscallError("EINVAL", "that file is not a process image")
+    return image
+
+
+def _with_adapter(k, call, image: dict):
+    want = image.get("adapter")
+    if want is None:
+        return restore_image(k, call, image)
+    if not isinstance(want, dict) or not isinstance(want.get("name"), str) or not isinstance(want.get("hash"), str):
+        raise SyscallError("EINVAL", "process image: bad adapter")
+    given = call.args["adapter"] or want["name"]
+    if userfs.is_store_path(given):
+        return userfs.spawn_with_store_adapter(k, call, lambda a: restore_image(k, call, image, (a["adapter"], given)),
+                                               path=given)
+    return restore_image(k, call, image, (given, given))
+
+
+def restore_image(k, call, image: dict, adapter: tuple[str, str] | None = None) -> int:
+    """A new process of the caller's from ``image``, with ``adapter`` (its local directory, the
+    caller's name for it) where the image has one; EINVAL naming what is wrong or differs."""
+    user, ps = call.user, k.procs
     if image.get("format") != FORMAT:
         raise SyscallError("EINVAL", f"not a process image (format {image.get('format')!r}, expected {FORMAT!r})")
     try:
@@ -67,8 +125,8 @@ def restore_image(k, call) -> int:
         if here != want["hash"]:
             raise SyscallError("EINVAL", f"model {want['name']!r} here is not the image's (hash {here} here, "
                                          f"{want['hash']} in the image)")
-        if image.get("adapter") is not None or f.get("adapter") is not None:
-            raise SyscallError("EINVAL", "images of processes with a LoRA adapter cannot be restored yet")
+        if (image.get("adapter") is None) != (adapter is None) or (adapter is None and f.get("adapter") is not None):
+            raise SyscallError("EINVAL", "process image: bad adapter")
         _check(f, ids, prompts.vocab_size(entry))
     except SyscallError:
         raise
@@ -81,7 +139,17 @@ def restore_image(k, call) -> int:
                                      f"{prompts.context_len(entry)}")
     systenancy.check_procs(k, user, 1)
     systenancy.check_kv(k, user, len(ids) + 1, entry)
-    f.update(uid=user.uid, ppid=0, adapter=None, adapter_label=None, session=call.session, ended_at=None,
+    label = None
+    if adapter is not None:
+        directory, given = adapter
+        here = content_hash(directory) if Path(directory).is_dir() else "none (not a directory)"
+        if here != image["adapter"]["hash"]:
+            raise SyscallError("EINVAL", f"adapter {given!r} here is not the image's (hash {here} here, "
+                                         f"{image['adapter']['hash']} in the image)")
+        directory = objects.check_adapter(entry, user, given, {"adapter": directory})["adapter"]
+        record = entry.adapter_records.get(directory)
+        adapter, label = directory, record.label if record else None
+    f.update(uid=user.uid, ppid=0, adapter=adapter, adapter_label=label, session=call.session, ended_at=None,
              hup=bool(f.get("hup")))
     try:
         proc = restore.bring_back(ps, entry, k.table.new_pid(), f, ids)

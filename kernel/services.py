@@ -246,14 +246,16 @@ class ServiceManager:
 
 def answer_later(k, call, work):
     """An ``ask`` reply handler: ``work(result)`` answers ``call`` (or returns ``PENDING_REPLY``
-    when a further step will); a refusal or a bug in ``work`` answers with an error."""
+    when a further step will); a refusal or a bug in ``work`` answers with an error. The answer
+    to a journaled call waits for the journal, as it would have without the service."""
     def on_reply(ok: bool, result) -> None:
         try:
             if not ok:
                 raise result
             out = work(result)
             if out is not PENDING_REPLY:
-                k.outbox.reply(call, out)
+                journal = getattr(k, "journal", None)
+                k.outbox.reply(call, out, held=call.sc.journaled and journal is not None and journal.enabled)
         except SyscallError as err:
             k.outbox.fail(call, err)
         except Exception as exc:             # one call's bug never reaches the loop

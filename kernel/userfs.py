@@ -53,9 +53,10 @@ def is_store_path(adapter: str | None) -> bool:
     return adapter is not None and not adapter.startswith(("/", "~"))
 
 
-def spawn_with_store_adapter(k, call, then) -> object:
-    """Export the caller's adapter directory from fs, then ``then(args)`` with the local path."""
-    path = call.args["adapter"].strip("/")
+def spawn_with_store_adapter(k, call, then, path: str | None = None) -> object:
+    """Export the caller's adapter directory (``path``, by default the call's ``adapter``) from
+    fs, then ``then(args)`` with the local path."""
+    path = (path or call.args["adapter"]).strip("/")
     as_kernel = User(call.user.name, call.user.uid, call.user.caps | {"svc"})
     dest = str(k.cfg.state_dir / "cache" / "adapters" / str(call.user.uid))
 

@@ -320,16 +320,27 @@ SYSCALLS: tuple[Syscall, ...] = (
                             "users with live processes), tokens served, live processes and KV blocks (a block your "
                             "processes share counts once) against your quotas.",
             returns="[{user, uid, share, fraction, tokens_served, procs, max_procs, kv_blocks, kv_quota}]"),
-    Syscall(38, "checkpoint", (_pid(),), cap="proc",
+    Syscall(38, "checkpoint", (_pid(), Arg("path", "str", max_len=4096,
+                                           doc="write the image (msgpack) to this path in your file store "
+                                               "instead of returning it")), cap="proc",
             doc="A self-contained image of a live process: its record (sampling seed, parameters, state, turn), "
-                "every token, and the model it needs, named and hashed (config and weight files). restore makes "
-                "a new process from it, here or on another kernel; its KV is recomputed, not carried.",
-            returns="{format, pid, model:{name, hash}, adapter, process:{...}, token_ids}"),
-    Syscall(39, "restore", (Arg("image", "map", required=True, max_len=64, doc="what checkpoint returned"),),
+                "every token, and the model (and LoRA adapter) it needs, named and hashed (config and weight "
+                "files). restore makes a new process from it, here or on another kernel; its KV is recomputed, "
+                "not carried.",
+            returns="{format, pid, model:{name, hash}, adapter:{name, hash}|null, process:{...}, token_ids}, "
+                    "or {pid, path, size, sha256} with path"),
+    Syscall(39, "restore", (Arg("image", "map", max_len=64, doc="what checkpoint returned"),
+                            Arg("path", "str", max_len=4096, doc="instead: an image checkpoint wrote to your file "
+                                                                 "store"),
+                            Arg("owner", "int", min=0, doc="with path: whose file store (a uid that shared it "
+                                                           "with you); default: yours"),
+                            Arg("adapter", "str", max_len=4096,
+                                doc="the adapter to use, where the image has one (default: the image's name "
+                                    "for it, e.g. adapters/x in your file store); it must hash the same")),
             cap="proc", journaled=True,
             doc="A new process of yours from a checkpoint image, in the state it was checkpointed in (STOPPED "
                 "stays STOPPED); it continues exactly as the original would have. EINVAL names what is wrong: "
-                "not an image, a malformed field, or a model that differs here (its hash).",
+                "not an image, a malformed field, or a model or adapter that differs here (its hash).",
             returns="pid"),
     Syscall(40, "bye", doc="End this session cleanly (the envelope's session): its processes are not sent HUP.",
             returns="true if the session was known"),

@@ -178,3 +178,15 @@ def test_user_set_changes_a_share_that_user_list_and_ps_show(kernel):
     assert "users" in llmos(kernel, "top", "--once").stdout
     llmos(kernel, "kill", str(pid))
     as_json(kernel, "wait", str(pid))
+
+
+def test_checkpoint_and_restore_through_the_file_store(kernel):
+    pid = as_json(kernel, "spawn", "-n", "6", "--ignore-eos", "--stopped", "hello")["pid"]
+    r = llmos(kernel, "checkpoint", str(pid), "images/cli.img")
+    assert r.returncode == 0 and f"pid {pid} -> images/cli.img" in r.stdout, r.stderr
+    new = as_json(kernel, "restore", "images/cli.img")
+    assert as_json(kernel, "pinfo", str(new))["state"] == "STOPPED"
+    llmos(kernel, "cont", str(pid), str(new))
+    assert as_json(kernel, "wait", str(new))["token_ids"] == as_json(kernel, "wait", str(pid))["token_ids"]
+    r = llmos(kernel, "restore", "images/none.img")
+    assert r.returncode != 0 and "ENOENT" in r.stderr + r.stdout

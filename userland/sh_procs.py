@@ -1,4 +1,5 @@
-"""Process commands: ps, spawn, read, write, wait, kill, stop, cont, nice, fork, pinfo."""
+"""Process commands: ps, spawn, read, write, wait, kill, stop, cont, nice, fork, pinfo,
+checkpoint, restore."""
 from __future__ import annotations
 
 from rich.live import Live
@@ -67,13 +68,14 @@ def ps(ctx, a):
          arg("--kg", action="store_true", help="put knowledge-graph facts about the prompt first"),
          arg("--ignore-eos", action="store_true"),
          arg("--chat", action="store_true", help="send the prompt as a user message (chat template)"),
+         arg("--stopped", action="store_true", help="start it STOPPED (cont runs it)"),
          arg("-f", "--follow", action="store_true", help="stream the output of the first turn"))
 def spawn(ctx, a):
     text = " ".join(a.prompt)
     pid = ctx.client.spawn(
         model=a.model, max_tokens=a.max_tokens, priority=a.priority, temperature=a.temperature,
         seed=a.seed, adapter=a.adapter, interactive=a.interactive, kg=True if a.kg else None,
-        ignore_eos=a.ignore_eos, **({"messages": [{"role": "user", "content": text}]} if a.chat else {"prompt": text}))
+        ignore_eos=a.ignore_eos, stopped=a.stopped, **({"messages": [{"role": "user", "content": text}]} if a.chat else {"prompt": text}))
     if a.follow and not ctx.as_json:
         ctx.say(f"pid {pid}", style="dim")
         stream_turn(ctx, pid)
@@ -154,3 +156,18 @@ def fork(ctx, a):
 @command("pinfo", "Everything about one process.", _PID)
 def pinfo(ctx, a):
     ctx.out(ctx.client.pinfo(a.pid))
+
+
+@command("checkpoint", "Write a process's image to your file store (restore makes it live again, here or "
+                       "on another kernel).", _PID, arg("path", help="file-store path for the image"))
+def checkpoint(ctx, a):
+    r = ctx.client.checkpoint(a.pid, path=a.path)
+    ctx.out(r, f"pid {r['pid']} -> {r['path']} ({r['size']} bytes)")
+
+
+@command("restore", "A new process of yours from an image in your file store.",
+         arg("path", help="file-store path of an image checkpoint wrote"),
+         arg("--adapter", help="the adapter to use instead of the image's name for it (same hash)"))
+def restore(ctx, a):
+    pid = ctx.client.restore(path=a.path, adapter=a.adapter)
+    ctx.out(pid, f"restored as pid {pid}")

@@ -19,7 +19,7 @@ from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import CAPABILITIES, HOST_CAP
 
 ROOT_UID = 0
-DEFAULT_CAPS = tuple(c for c in CAPABILITIES if c not in ("admin", HOST_CAP))
+DEFAULT_CAPS = tuple(c for c in CAPABILITIES if c not in ("admin", HOST_CAP, "metrics"))
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from llmos.syscalls.errors import SyscallError
 
-CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "prio", "host", "admin")   # what users can be granted
+CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "prio", "host", "admin", "metrics")   # what users can be granted
+# metrics: may read the gateway's /metrics (a metrics-only user holds just this one)
 # prio: may use negative nice values (more important than the default), like CAP_SYS_NICE
 # host: may name host paths and hub ids (models, adapters), pin models, unload others' models
 HOST_CAP = "host"

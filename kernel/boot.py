@@ -19,6 +19,7 @@ from pathlib import Path
 import zmq
 
 from llmos import hostmem
+from llmos.kernel import audit, curve
 from llmos.kernel.io import secure_ipc_dir
 from llmos.kernel.loop import Kernel, KernelConfig
 from llmos.kernel.security import UserDB, make_private_dir, own_subdir, write_private
@@ -31,7 +32,11 @@ DEFAULT_SERVICES = ("fs", "kg", "tuner")
 def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p = argparse.ArgumentParser(prog="llmos kernel start", description="Run the llmos kernel.")
     p.add_argument("--state-dir", default=None, help="default $LLMOS_STATE_DIR or ~/.llmos")
-    p.add_argument("--socket", default=None, help="ZeroMQ endpoint (default ipc://<state>/run/kernel.sock)")
+    p.add_argument("--socket", default=None, help="ZeroMQ endpoint (default ipc://<state>/run/kernel.sock); a TCP "
+                   "address other than loopback means --listen on it, with the default ipc socket for local use")
+    p.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
+                   help="also serve the ABI over CURVE-encrypted TCP, for other machines (llmos kernel key "
+                        "prints the public key clients need)")
     p.add_argument("--model", default="default",
                    help="model path or hub id; 'default' = built-in tiny random model; 'none' = no model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -83,8 +88,12 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
+    if a.socket and a.socket.startswith("tcp://") and not curve.is_loopback(a.socket):
+        if a.listen:
+            raise SystemExit("llmos: give a non-loopback TCP address as --listen, not also as --socket")
+        a.socket, a.listen = None, a.socket
     return KernelConfig(
-        state_dir=state, socket=a.socket or locate.default_socket(state),
+        state_dir=state, socket=a.socket or locate.default_socket(state), listen=a.listen,
         model=None if a.model.lower() == "none" else a.model, device=a.device, dtype=a.dtype,
         attention_backend=a.attention_backend,
         kv_blocks=a.kv_blocks, kv_fraction=a.kv_fraction, host_kv_blocks=a.host_kv_blocks,
@@ -118,15 +127,16 @@ def _alert(text: str) -> tuple[str, float]:
     return name, threshold
 
 
-def check_endpoint(endpoint: str) -> None:
-    """TCP is only for loopback until CURVE encryption is supported: tokens must not cross a network in clear."""
+def check_endpoint(endpoint: str, listen: str | None = None) -> None:
+    """The local socket is ipc or loopback TCP (no encryption: tokens must not cross a network in
+    clear); other machines reach the kernel over CURVE (``listen``), on any TCP address."""
     if endpoint.startswith("tcp://"):
-        host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise SystemExit(f"llmos: refusing to listen on {endpoint}: bind TCP to 127.0.0.1 "
-                             f"(CURVE for other interfaces is not supported yet)")
+        if not curve.is_loopback(endpoint):
+            raise SystemExit(f"llmos: refusing to serve {endpoint} in clear: use --listen for CURVE")
     elif not locate.is_ipc(endpoint):
         raise SystemExit(f"llmos: unsupported endpoint {endpoint}; use ipc://PATH or tcp://127.0.0.1:PORT")
+    if listen is not None and (not listen.startswith("tcp://") or ":" not in listen[len("tcp://"):]):
+        raise SystemExit(f"llmos: --listen wants tcp://HOST:PORT, got {listen}")
 
 
 def prepare_state_dir(state: Path) -> UserDB:
@@ -196,9 +206,11 @@ def setup_logging(state: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    check_endpoint(cfg.socket)
+    check_endpoint(cfg.socket, cfg.listen)
     hostmem.keep_large_buffers()
     users = prepare_state_dir(cfg.state_dir)
+    audit.open(cfg.state_dir)
+    curve.server_keys(cfg.state_dir)              # made at first boot: `llmos kernel key` prints it
     prepare_socket_dir(cfg.socket)
     pidfile = take_pidfile(cfg.state_dir, cfg.socket)
     setup_logging(cfg.state_dir)
@@ -207,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         stop = lambda signum, frame: setattr(kernel, "running", False)  # noqa: E731
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        print(f"llmos: kernel ready (pid {os.getpid()}) on {cfg.socket}", flush=True)
+        remote = f" and {cfg.listen} (CURVE, key {curve.public_key(cfg.state_dir)})" if cfg.listen else ""
+        print(f"llmos: kernel ready (pid {os.getpid()}) on {cfg.socket}{remote}", flush=True)
         kernel.run()
     finally:
         if pidfile.exists() and pidfile.read_text().split()[0] == str(os.getpid()):

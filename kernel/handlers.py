@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmos.kernel import images, sysinfo, sysmm, sysmodel, sysproc, syssvc, systenancy, userfs
+from llmos.kernel import images, sysaudit, sysinfo, sysmm, sysmodel, sysproc, syssvc, systenancy, userfs
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.table import BY_NAME, SYSCALLS
 
 _BY_NAME: dict[str, Callable] = {
     "nop": sysinfo.sys_nop,
     "bye": sysinfo.sys_bye,
+    "user_key": sysaudit.sys_user_key,
+    "audit": sysaudit.sys_audit,
     "uname": sysinfo.sys_uname,
     "whoami": sysinfo.sys_whoami,
     "stat": sysinfo.sys_stat,

@@ -5,6 +5,10 @@ inproc PAIR; the kernel loop reads and writes the other end of that PAIR. Frames
 ``[routing_id, payload]``. The kernel loop refuses a frame over ``max_frame`` with EMSGSIZE; the
 socket itself (``MAXMSGSIZE``) only enforces the hard cap ``abi.socket_frame_cap(max_frame)``: a
 frame over that makes ZeroMQ drop the connection, which the monitor reports as a disconnect.
+
+With ``curve`` (an endpoint), a second, CURVE-encrypted ROUTER serves other machines
+(``kernel/curve.py``); ``channel`` then takes frames from both and sends each reply back the way
+its request came.
 """
 from __future__ import annotations
 
@@ -15,12 +19,38 @@ from pathlib import Path
 
 import zmq
 
+from llmos.kernel import curve as curve_mod
 from llmos.kernel.security import make_private_dir, own_subdir
 from llmos.syscalls import abi, locate
 
 
+class Channel:
+    """The kernel loop's end of the I/O: ``recv_multipart`` takes the next frame from either
+    socket (in turn), ``send_multipart`` answers on the socket its routing id came from."""
+
+    def __init__(self, local, curve=None):
+        self.ends = [local] + ([curve] if curve is not None else [])
+        self._turn = 0
+
+    def recv_multipart(self, flags: int = 0):
+        for i in range(len(self.ends)):
+            end = self.ends[(self._turn + i) % len(self.ends)]
+            try:
+                frames = end.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            self._turn += 1
+            return frames
+        raise zmq.Again()
+
+    def send_multipart(self, frames) -> None:
+        remote = len(self.ends) > 1 and frames[0].startswith(curve_mod.PREFIX)
+        self.ends[-1 if remote else 0].send_multipart(frames)
+
+
 class IOThread:
-    def __init__(self, endpoint: str, max_frame: int, ctx: zmq.Context | None = None):
+    def __init__(self, endpoint: str, max_frame: int, ctx: zmq.Context | None = None, curve: str | None = None,
+                 state: Path | None = None):
         self.endpoint = endpoint
         self.ctx = ctx or zmq.Context.instance()
         self._name = f"inproc://llmos-io-{id(self)}"
@@ -46,9 +76,16 @@ class IOThread:
         self._ctl = self.ctx.socket(zmq.PAIR)
         self._ctl.bind(self._ctl_name)
         self._thread = threading.Thread(target=self._run, name="llmos-io", daemon=True)
+        self.curve = curve_mod.CurveEndpoint(self.ctx, curve, state, max_frame) if curve else None
+        self.channel = Channel(self.kernel_end, self.curve.loop_end if self.curve else None)
+        #: what the loop polls: the ends it reads frames from, and the monitors
+        self.sockets = [self.kernel_end, self.monitor] + ([self.curve.loop_end, self.curve.monitor]
+                                                           if self.curve else [])
 
     def start(self) -> None:
         self._thread.start()
+        if self.curve:
+            self.curve.start()
 
     def _run(self) -> None:
         ctl = self.ctx.socket(zmq.PAIR)
@@ -62,6 +99,8 @@ class IOThread:
 
     def stop(self) -> None:
         """Stop the proxy, close every socket, remove the ipc socket file."""
+        if self.curve:
+            self.curve.stop()
         if self._thread.is_alive():
             time.sleep(0.05)           # let the proxy forward replies already queued to it
             self._ctl.send(b"TERMINATE")

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
-from llmos.kernel import engines, handlers, restore
+from llmos.kernel import audit, curve, engines, handlers, restore
 from llmos.kernel.alerts import Alerts
 from llmos.kernel.io import IOThread
 from llmos.kernel.journal import Journal
@@ -55,6 +56,7 @@ log = logging.getLogger("llmos.kernel")
 class KernelConfig:
     state_dir: Path
     socket: str
+    listen: str | None = None              # a CURVE TCP endpoint for other machines (``kernel/curve.py``)
     model: str | None = "default"          # a path or hub id, "default" (built-in), or None
     device: str = "auto"
     attention_backend: str = "auto"        # "torch" (reference), "triton", or auto: triton on CUDA
@@ -136,11 +138,11 @@ class Kernel:
         self.services = ServiceManager(cfg, self.outbox, models, on_memory_back=self.procs.retry_faulted)
         self.alerts = Alerts(self.outbox, self.table, self.procs.engines, self.metrics, self.services, cfg.alerts)
         self.queues: dict[Any, deque] = {}     # caller -> authenticated requests not yet served
-        self.io = IOThread(cfg.socket, cfg.max_frame)
-        self.chan = self.io.kernel_end
+        self.io = IOThread(cfg.socket, cfg.max_frame, curve=cfg.listen, state=cfg.state_dir)
+        self.chan = self.io.channel
         self.poller = zmq.Poller()
-        self.poller.register(self.chan, zmq.POLLIN)
-        self.poller.register(self.io.monitor, zmq.POLLIN)
+        for sock in self.io.sockets:
+            self.poller.register(sock, zmq.POLLIN)
         self.busy = False                      # the last turn ran a step
 
     def _restore(self) -> tuple[list[dict], str | None]:
@@ -212,10 +214,7 @@ class Kernel:
         serve up to ``max_drain`` requests, one per caller in turn."""
         timeout = 0 if self.queues else (self.procs.idle_timeout_ms() if idle else 0)
         ready = dict(self.poller.poll(timeout))
-        if self.io.monitor in ready:
-            while self.io.monitor.poll(0):
-                self.io.monitor.recv_multipart()
-                self.stats.disconnects += 1
+        self.watch_connections(ready)
         backlog = sum(len(q) for q in self.queues.values())
         while backlog < 4 * self.cfg.max_drain:
             try:
@@ -228,6 +227,17 @@ class Kernel:
         self.sessions.tick(self.procs)
         self.services.tick()
         self.alerts.tick()
+
+    def watch_connections(self, ready: dict) -> None:
+        """Count disconnects; a refused CURVE handshake goes to the audit trail."""
+        for mon in (self.io.monitor, self.io.curve and self.io.curve.monitor):
+            while mon is not None and mon in ready and mon.poll(0):
+                event = zmq.utils.monitor.parse_monitor_message(mon.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self.stats.disconnects += 1
+                else:
+                    audit.event("handshake_failed", endpoint=event["endpoint"].decode(errors="replace"),
+                                reason=zmq.Event(event["event"]).name)
 
     def serve_queued(self, limit: int) -> int:
         """Serve up to about ``limit`` accepted requests, one per caller in turn (each caller's
@@ -262,6 +272,13 @@ class Kernel:
             svc = self.services.authenticate(req.token)
             user = svc.user if svc is not None else self.users.authenticate(req.token)
         except SyscallError as err:
+            audit.event("auth_failed", call=str(req.call)[:64], key=curve.key_of(identity), reason=err.message)
+            self.outbox.error(identity, req.rid, err)
+            return 0
+        try:
+            self.users.check_key(user, curve.key_of(identity))
+        except SyscallError as err:
+            audit.event("key_refused", user=user.name, key=curve.key_of(identity))
             self.outbox.error(identity, req.rid, err)
             return 0
         self.sessions.touch(user.uid, req.session)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from llmos.kernel import audit
 from llmos.kernel.leases import LeaseTable
 from llmos.kernel.security import ROOT_UID
 from llmos.syscalls.errors import SyscallError
@@ -233,6 +234,7 @@ class ModelManager:
                 e.last_used = time.monotonic()
                 log.info("model %s on the device (%d weight bytes, %d KV bytes)", e.name, e.weight_bytes,
                          e.engine.kv_bytes)
+                audit.event("model_load", model=e.name, owner_uid=e.owner_uid, weight_bytes=e.weight_bytes)
             finished.append(d)
 
     # -- room ---------------------------------------------------------------------------------

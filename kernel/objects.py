@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 
+from llmos.kernel import audit
 from llmos.kernel.models import AdapterRecord, ModelEntry, canonical
 from llmos.kernel.security import ROOT_UID, User
 from llmos.syscalls.errors import SyscallError
@@ -174,6 +175,8 @@ def load_adapter(models, engine, adapter: str) -> None:
     label = record.label if record is not None else adapter
     try:
         engine.driver.load_adapter(adapter, adapter)
+        audit.event("adapter_load", model=engine.name, adapter=label,
+                    owner_uid=record.owner_uid if record is not None else None)
     except FileNotFoundError as exc:
         raise SyscallError("ENOENT", f"adapter {label!r}: {_scrub(exc, adapter, label)}"[:300])
     except (ValueError, KeyError, OSError) as exc:

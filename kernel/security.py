@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmos.kernel import audit
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import CAPABILITIES, HOST_CAP
 
 ROOT_UID = 0
 DEFAULT_CAPS = tuple(c for c in CAPABILITIES if c not in ("admin", HOST_CAP, "metrics"))
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+_Z85 = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class User:
     caps: frozenset[str]
     token_hashes: list[str] = field(default_factory=list)
     share: float = 1.0               # fair-share weight (``user_set``)
+    keys: list[str] = field(default_factory=list)   # CURVE client public keys (Z85) that may speak for it
 
     @property
     def is_root(self) -> bool:
@@ -75,7 +78,29 @@ class UserDB:
     @staticmethod
     def check_cap(user: User, cap: str | None, call: str) -> None:
         if cap is not None and cap not in user.caps:
+            audit.event("cap_refused", user=user.name, call=call, cap=cap)
             raise SyscallError("EPERM", f"{call} needs capability '{cap}', which user {user.name} lacks")
+
+    @staticmethod
+    def check_key(user: User, key: str | None) -> None:
+        """Over CURVE (``key``), a user with registered client keys speaks only through one."""
+        if key is not None and user.keys and key not in user.keys:
+            raise SyscallError("EPERM", f"this client key may not speak for user {user.name}: it has registered "
+                                        f"keys and this is not one of them (llmos user key add {user.name} FILE)")
+
+    def set_key(self, name: str, key: str, add: bool) -> User:
+        """Register (``add``) or drop a client public key of user ``name``."""
+        user = self.get(name)
+        if not isinstance(key, str) or len(key) != 40 or set(key) - _Z85:
+            raise SyscallError("EINVAL", "a client key is a CURVE public key: 40 characters of Z85")
+        if add and key not in user.keys:
+            user.keys.append(key)
+        elif not add:
+            if key not in user.keys:
+                raise SyscallError("ENOENT", f"user {name} has no such key")
+            user.keys.remove(key)
+        self._save()
+        return user
 
     def add(self, name: str, caps: list[str] | None = None) -> tuple[User, str]:
         if not name or set(name) - _NAME_OK:
@@ -131,13 +156,13 @@ class UserDB:
         self.next_uid = data.get("next_uid", 1000)
         for name, u in data["users"].items():
             self.users[name] = User(name, u["uid"], frozenset(u["caps"]), list(u["token_hashes"]),
-                                    float(u.get("share", 1.0)))
+                                    float(u.get("share", 1.0)), list(u.get("keys", [])))
         self._index()
 
     def _save(self) -> None:
         data = {"next_uid": self.next_uid,
                 "users": {n: {"uid": u.uid, "caps": sorted(u.caps), "token_hashes": u.token_hashes,
-                              "share": u.share} for n, u in self.users.items()}}
+                              "share": u.share, "keys": u.keys} for n, u in self.users.items()}}
         write_private(self.path, json.dumps(data, indent=1))
         self._index()
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from llmos.kernel import audit
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.kernel.security import User, hash_token
 from llmos.syscalls.abi import encode_reply, encode_service_call
@@ -56,6 +57,7 @@ class ServiceProc:
     last_heartbeat: float = 0.0
     backoff: float = BACKOFF_MIN_S
     restart_at: float | None = None
+    down_because: str = ""                # why it last went down
 
     @property
     def user(self) -> User:
@@ -134,9 +136,11 @@ class ServiceManager:
                     self._down(svc, "missed heartbeats" if up else "did not register in time")
             elif svc.state is SvcState.DOWN and svc.restart_at is not None and now >= svc.restart_at:
                 svc.restarts += 1
+                audit.event("service_restart", service=svc.name, restarts=svc.restarts, why=svc.down_because)
                 self.start(svc.name)
 
     def _down(self, svc: ServiceProc, why: str, restart: bool = True) -> None:
+        svc.down_because = why
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
             svc.proc.wait()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 import llmos
-from llmos.kernel import sysmodel
+from llmos.kernel import audit, sysmodel
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.abi import ABI_VERSION
 from llmos.syscalls.errors import SyscallError
@@ -52,16 +52,19 @@ def sys_shutdown(k, call):
 
 def sys_user_add(k, call):
     user, token = k.users.add(call.args["name"], call.args["caps"])
+    audit.event("user_add", user=call.user.name, target=user.name, caps=sorted(user.caps))
     return {"user": user.name, "uid": user.uid, "token": token}
 
 
 def sys_user_token(k, call):
-    return {"user": call.args["name"], "token": k.users.new_token(call.args["name"])}
+    token = k.users.new_token(call.args["name"])
+    audit.event("user_token", user=call.user.name, target=call.args["name"])
+    return {"user": call.args["name"], "token": token}
 
 
 def sys_user_list(k, call):
     return [{"user": u.name, "uid": u.uid, "caps": sorted(u.caps), "num_tokens": len(u.token_hashes),
-             "share": u.share}
+             "share": u.share, "keys": list(u.keys)}
             for u in sorted(k.users.users.values(), key=lambda u: u.uid)]
 
 

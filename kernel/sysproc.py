@@ -10,7 +10,7 @@ import secrets
 import time
 
 from llmos.drivers.batch import SamplingParams
-from llmos.kernel import augment, objects, prompts, systenancy, userfs
+from llmos.kernel import audit, augment, objects, prompts, systenancy, userfs
 from llmos.kernel.proc import Process, ProcState
 from llmos.kernel.procio import PENDING_REPLY, Waiter, WaitKind
 from llmos.kernel.procmgr import Signal
@@ -160,7 +160,11 @@ def sys_wait(k, call):
 
 
 def sys_kill(k, call):
-    k.procs.signal(k.table.owned(call.user, call.args["pid"]), Signal(call.args["sig"]))
+    proc = k.table.owned(call.user, call.args["pid"])
+    if proc.uid != call.user.uid:
+        audit.event("signal_other", user=call.user.name, pid=proc.pid, owner=k.users.name_of(proc.uid),
+                    sig=call.args["sig"])
+    k.procs.signal(proc, Signal(call.args["sig"]))
     return True
 
 

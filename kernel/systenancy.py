@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from llmos.kernel import audit
 from llmos.syscalls.errors import SyscallError
 
 
@@ -12,6 +13,7 @@ def check_procs(k, user, num_new: int) -> None:
     limit = k.cfg.max_procs_per_user
     live = k.table.num_live(user.uid)
     if not user.is_root and live + num_new > limit:
+        audit.event("quota_refused", user=user.name, quota="procs", have=live, asked=num_new, limit=limit)
         raise SyscallError("EAGAIN", f"process quota: user {user.name} has {live} of {limit}"
                                      + (f"; {num_new} more would not fit" if num_new > 1 else ""))
 
@@ -24,6 +26,7 @@ def check_kv(k, user, num_tokens: int, entry=None) -> None:
     need = (engine.sched.block_manager.blocks_for_seq(num_tokens) if engine is not None
             else math.ceil(num_tokens / k.cfg.block_size))
     if quota is not None and need > quota:
+        audit.event("quota_refused", user=user.name, quota="kv_blocks", asked=need, limit=quota)
         raise SyscallError("ENOMEM", f"needs up to {need} KV blocks; user quota is {quota}")
 
 
@@ -31,6 +34,8 @@ def sys_user_set(k, call):
     a = call.args
     user = k.users.set_share(a["name"], a["share"]) if a["share"] is not None else k.users.get(a["name"])
     k.shares.set_weight(user.uid, user.share)
+    if a["share"] is not None:
+        audit.event("user_set", user=call.user.name, target=user.name, share=user.share)
     return {"user": user.name, "uid": user.uid, "share": user.share}
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import zmq
 
 from llmos.syscalls import abi, locate
+from llmos.syscalls import remote as remotes
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import SYSCALLS, Syscall, lookup
 
@@ -34,17 +35,24 @@ class Client:
     """A connection to a kernel. Methods named after the syscalls are generated from the table."""
 
     def __init__(self, socket: str, token: str | None, timeout: float = DEFAULT_TIMEOUT,
-                 max_frame: int | None = None):
+                 max_frame: int | None = None, curve: remotes.Curve | None = None):
         self.endpoint = socket
         self.token = token
         self.timeout = timeout
         self.max_frame = max_frame                  # the kernel's frame limit; None until learned
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._curve = curve                         # CURVE keys, for a kernel on another machine
+        self._sock = self._socket()
         self._sock.setsockopt(zmq.IMMEDIATE, 1)    # never queue requests for a kernel that isn't there
-        self._sock.connect(socket)
+        if curve is None:
+            self._sock.connect(socket)
+        else:
+            try:
+                remotes.check_handshake(self._sock, socket, lambda: self._sock.connect(socket))
+            except SyscallError:
+                self._sock.close(0)
+                raise
         # A session: named in every request, kept alive by a heartbeat thread (its own socket),
         # ended by close() with a goodbye. Ending without one (a crash) hangs up its processes.
         self.session = secrets.token_hex(8)
@@ -167,9 +175,15 @@ class Client:
                                                daemon=True)
             self._heartbeat.start()
 
-    def _beat(self, every: float) -> None:
+    def _socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.apply(sock)
+        return sock
+
+    def _beat(self, every: float) -> None:
+        sock = self._socket()
         sock.connect(self.endpoint)
         try:
             while not self._closing.wait(every):
@@ -306,13 +320,34 @@ for _sc in SYSCALLS:
         setattr(Client, _sc.name, _make_stub(_sc))
 
 
-def connect(socket: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:
+def connect(socket: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+            server_key: str | None = None, client_key: str | None = None, remote: str | None = None) -> Client:
     """Connect to a kernel.
 
     ``socket``: a ZeroMQ endpoint (``ipc://…`` or ``tcp://…``); default ``$LLMOS_SOCKET``, else
     the local kernel's socket under ``$LLMOS_STATE_DIR`` (default ``~/.llmos``).
     ``token``: default ``$LLMOS_TOKEN``, else the token saved for the local user.
+    ``server_key``: the kernel's CURVE public key (Z85, or its ``server.key`` file; default
+    ``$LLMOS_SERVER_KEY``): with it, a ``tcp://`` endpoint is reached over CURVE, with this
+    client's key pair (``client_key``, a ``.key_secret`` file; default ``$LLMOS_CLIENT_KEY`` or
+    one made under ``~/.config/llmos``). A wrong key is an ``ECONNREFUSED`` within 2 s.
+    ``remote``: a name saved with ``llmos remote add`` (default ``$LLMOS_REMOTE``): its endpoint,
+    server key and token, unless given here.
     """
-    socket = socket or os.environ.get("LLMOS_SOCKET") or locate.default_socket()
-    token = token or os.environ.get("LLMOS_TOKEN") or locate.saved_token()
-    return Client(socket, token, timeout=timeout)
+    name = remote or (os.environ.get("LLMOS_REMOTE") if not socket else None)
+    saved = remotes.remote(name) if name else {}
+    socket = socket or saved.get("endpoint") or os.environ.get("LLMOS_SOCKET") or locate.default_socket()
+    token = token or saved.get("token") or os.environ.get("LLMOS_TOKEN") or locate.saved_token()
+    server_key = server_key or saved.get("server_key") or (os.environ.get("LLMOS_SERVER_KEY") or None)
+    curve = None
+    if socket.startswith("tcp://") and server_key:
+        curve = remotes.Curve(server_key, client_key)
+    elif socket.startswith("tcp://") and not _loopback(socket):
+        raise SyscallError("EINVAL", f"{socket} is another machine: give the kernel's public key (server_key= or "
+                                     f"$LLMOS_SERVER_KEY; `llmos kernel key` prints it there)")
+    return Client(socket, token, timeout=timeout, curve=curve)
+
+
+def _loopback(endpoint: str) -> bool:
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
+

@@ -345,6 +345,19 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="pid"),
     Syscall(40, "bye", doc="End this session cleanly (the envelope's session): its processes are not sent HUP.",
             returns="true if the session was known"),
+    Syscall(41, "user_key", (Arg("name", "str", required=True, max_len=64),
+                             Arg("key", "str", required=True, max_len=64, doc="a CURVE public key (40 Z85 characters)"),
+                             Arg("remove", "bool", default=False, doc="drop the key instead of adding it")),
+            cap="admin", doc="Register a client public key for a user: once it has one, only connections made "
+                             "with a registered key may speak for it over CURVE (its tokens alone no longer "
+                             "suffice). Local (ipc) connections are not affected.",
+            returns="{user, keys}"),
+    Syscall(42, "audit", (Arg("since", "float", min=0.0, doc="Unix seconds: only events from then on"),
+                          Arg("user", "str", max_len=64, doc="only events about this user"),
+                          Arg("event", "str", max_len=32, doc="only this kind of event"),
+                          Arg("limit", "int", default=1000, min=1, max=100_000)),
+            cap="admin", doc="The audit trail: security-relevant events, newest last (docs/abi.md, Audit).",
+            returns="[{time, event, user, ...}]"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -29,7 +29,7 @@ def ask(sock, frame: bytes, timeout_ms: int = 5000):
 def test_first_calls_answer(root):
     u = root.uname()
     assert u["sysname"] == "llmos" and u["abi"] == abi.ABI_VERSION and u["boot_id"]
-    assert root.whoami() == {"user": "root", "uid": 0, "caps": sorted(["proc", "mm", "fs", "kg", "tune", "prio", "host", "admin"])}
+    assert root.whoami() == {"user": "root", "uid": 0, "caps": sorted(["proc", "mm", "fs", "kg", "tune", "prio", "host", "admin", "metrics"])}
     assert root.ps() == []
     s = root.stat()
     assert s["requests"] >= 3 and s["uptime_s"] >= 0

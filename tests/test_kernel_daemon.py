@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KernelProc
+from llmos import connect
 
 
 def llmos(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -86,17 +87,38 @@ def test_cli_reports_errors_without_tracebacks(state):
     assert r.returncode != 0 and "Traceback" not in r.stderr
 
 
-def test_tcp_on_loopback_works_and_other_interfaces_are_refused(start_kernel, tmp_path):
+def test_tcp_on_loopback_works_and_other_interfaces_get_curve(start_kernel, tmp_path, monkeypatch):
+    """Loopback TCP stays plain; any other address is served only over CURVE (with the local
+    ipc socket beside it), and a clear-text endpoint on another interface is refused."""
     import socket as pysocket
-    with pysocket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    k = start_kernel("--socket", f"tcp://127.0.0.1:{port}")
+
+    from llmos.kernel.curve import public_key
+
+    def free_port():
+        with pysocket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    k = start_kernel("--socket", f"tcp://127.0.0.1:{free_port()}")
     with k.client() as c:
         assert c.whoami()["user"] == "root"
-    r = subprocess.run([sys.executable, "-m", "llmos.kernel", "--model", "none", "--state-dir", str(tmp_path),
-                        "--socket", "tcp://0.0.0.0:5999"], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "refusing" in r.stderr
+    monkeypatch.setenv("LLMOS_CONFIG_DIR", str(tmp_path / "config"))
+    port = free_port()
+    remote = KernelProc("--socket", f"tcp://0.0.0.0:{port}")
+    assert remote.socket.startswith("tcp://")
+    remote.socket = f"ipc://{remote.state}/run/kernel.sock"          # where its local socket goes
+    remote.start()
+    try:
+        assert f"tcp://0.0.0.0:{port} (CURVE" in remote.output()
+        with remote.client() as local:
+            assert local.whoami()["user"] == "root"
+        with connect(f"tcp://127.0.0.1:{port}", remote.token, server_key=public_key(remote.state)) as c:
+            assert c.whoami()["user"] == "root"
+    finally:
+        remote.cleanup()
+    r = subprocess.run([sys.executable, "-m", "llmos.kernel", "--model", "none", "--state-dir", str(tmp_path / "s"),
+                        "--socket", "tcp://0.0.0.0:5999", "--listen", "tcp://0.0.0.0:5998"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not also as --socket" in r.stderr
 
 
 def _kernel_pid(state: Path) -> int | None:

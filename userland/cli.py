@@ -2,8 +2,11 @@
 
     llmos                               the interactive shell (also: llmos shell)
     llmos kernel start [--foreground | --no-supervise] [--socket S] [--state-dir D] [kernel options]
-    llmos kernel stop [--drain | --discard] | status
-    llmos user add NAME [--caps proc,mm,...] | token NAME | list
+    llmos kernel stop [--drain | --discard] | status | key     (key: the public key remote clients need)
+    llmos user add NAME [--caps proc,mm,...] | token NAME | key add|rm NAME FILE | list
+    llmos remote add NAME tcp://HOST:PORT --server-key KEY --token-file F | list | rm NAME
+    llmos --remote NAME COMMAND ...     (any command, the shell too, against a saved remote kernel)
+    llmos audit [--since 1h] [--user NAME] [--event KIND]
     llmos ps [--all] | top [--once] | free | models | load NAME | unload NAME | svc list|start|stop
     llmos spawn PROMPT | chat [MODEL] | kill | stop | cont | nice | fork | wait | read | write | pinfo
     llmos ls | cat | put | get | rm      (the file store)
@@ -162,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    argv = _take_remote(argv)
     cmd, rest = (argv[0], argv[1:]) if argv else ("shell", [])
     if cmd == "kernel":
         sub = rest[0] if rest else "status"
-        return {"start": kernel_start, "stop": kernel_stop, "status": kernel_status}.get(
+        return {"start": kernel_start, "stop": kernel_stop, "status": kernel_status, "key": kernel_key}.get(
             sub, lambda a: _usage(f"unknown: kernel {sub}"))(rest[1:])
     if cmd == "demo":
         from llmos.userland.demo import main as demo
@@ -189,6 +193,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmos: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+
+
+def _take_remote(argv: list[str]) -> list[str]:
+    """``llmos --remote NAME …`` and ``llmos shell --remote NAME``: talk to a saved remote
+    (``connect()`` reads ``$LLMOS_REMOTE``)."""
+    at = 0 if argv[:1] == ["--remote"] else 1 if argv[:1] in (["shell"], ["sh"]) and argv[1:2] == ["--remote"] else None
+    if at is None:
+        return argv
+    if len(argv) < at + 2:
+        raise SystemExit("llmos: --remote needs a NAME (llmos remote list shows them)")
+    os.environ["LLMOS_REMOTE"] = argv[at + 1]
+    os.environ.pop("LLMOS_SOCKET", None)
+    return argv[:at] + argv[at + 2:]
+
+
+def kernel_key(argv: list[str]) -> int:
+    from llmos.kernel.curve import public_key
+    state, _ = _state_and_socket(argv)
+    key = public_key(state)
+    if key is None:
+        print(f"llmos: no kernel key in {state}/keys yet (a kernel makes it at its first boot)", file=sys.stderr)
+        return 1
+    print(key)
+    return 0
 
 
 def _usage(msg: str) -> int:

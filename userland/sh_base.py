@@ -215,5 +215,5 @@ def visible_commands(ctx: Ctx) -> list[str]:
 
 def load_commands() -> dict[str, Command]:
     """Import every module that registers commands (once)."""
-    from llmos.userland import sh_procs, sh_chat, top, sh_data, sh_system  # noqa: F401  (help order)
+    from llmos.userland import sh_procs, sh_chat, top, sh_data, sh_system, sh_remote  # noqa: F401  (help order)
     return COMMANDS

@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.text import Text
 
 from llmos.syscalls import locate
+from llmos.syscalls import remote as remotes
 from llmos.userland import render
 from llmos.userland.sh_base import COMMANDS, UsageError, arg, command, subcommands, visible_commands
 
@@ -87,11 +88,14 @@ def _user(p):
                 ("token", "A new token for a user; prints only the token.", [arg("name")]),
                 ("set", "Change a user's settings: share=N (fair-share weight, default 1).",
                  [arg("name"), arg("settings", nargs="+", metavar="KEY=VALUE")]),
+                ("key", "Client keys for CURVE: key add|rm NAME FILE (a client.key file or a Z85 key); once "
+                        "a user has one, only those keys may speak for it from another machine.",
+                 [arg("action", choices=("add", "rm")), arg("name"), arg("key", metavar="FILE")]),
                 ("list", "Users (never their tokens) and their shares.", []))
 
 
-@command("user", "Users (admin): user add NAME [--caps a,b] | token NAME | set NAME share=N | list.",
-         build=_user, words=("add", "token", "set", "list"))
+@command("user", "Users (admin): user add NAME [--caps a,b] | token NAME | set NAME share=N | key add|rm NAME "
+                 "FILE | list.", build=_user, words=("add", "token", "set", "key", "list"))
 def user(ctx, a):
     c = ctx.client
     if a.sub == "add":
@@ -110,10 +114,14 @@ def user(ctx, a):
             raise UsageError(f"share must be a number, got {settings['share']!r}") from None
         r = c.user_set(a.name, share=share)
         ctx.out(r, f"{r['user']}: share {r['share']:g}")
+    elif a.sub == "key":
+        r = c.user_key(a.name, remotes.public_key_text(a.key), remove=a.action == "rm")
+        ctx.out(r, f"{r['user']}: {len(r['keys'])} client key(s)")
     else:
         rows = c.user_list()
-        ctx.out(rows, render.table(rows, ("user", "uid", "share", "caps", "num_tokens"),
-                                   formats={"share": lambda v: f"{v:g}", "caps": lambda v: ",".join(v)}))
+        ctx.out(rows, render.table(rows, ("user", "uid", "share", "caps", "num_tokens", "keys"),
+                                   formats={"share": lambda v: f"{v:g}", "caps": lambda v: ",".join(v),
+                                            "keys": lambda v: str(len(v))}))
 
 
 def parse_value(v: str):

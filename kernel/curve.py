@@ -1,0 +1,137 @@
+"""The kernel's CURVE endpoint: the ABI over TCP to other machines, encrypted and authenticated.
+
+ZeroMQ's CURVE (RFC 26) encrypts every frame and proves the server's identity: a client must
+know the kernel's public key (``llmos kernel key``) to complete the handshake at all. The key
+pair lives in ``<state>/keys/`` (``server.key`` and ``server.key_secret``, ZeroMQ certificate
+files, 0600), created at first boot. pyzmq's ``ThreadAuthenticator`` answers the ZAP handshake
+on the kernel's context; ``ZAP_ENFORCE_DOMAIN`` makes a missing handler fail closed.
+
+Tokens still say who a caller is. A user may also register client public keys
+(``user_key_add``); then only a connection made with one of them may speak for that user over
+CURVE. So that the kernel loop knows a connection's key, this endpoint is served by a small
+forwarder thread (not the C proxy of the local socket, which drops ZeroMQ's per-message
+``User-Id``): it hands each frame to the loop under a routing id that starts with a NUL byte,
+the key and the peer's own id. No peer can choose such an id (ZeroMQ refuses routing ids that
+start with NUL, and generates 5-byte ones), so a key the loop reads from an id is the key that
+connection proved.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from llmos.syscalls import abi
+
+PREFIX = b"\x00curve:"           # routing ids of frames that came over CURVE: PREFIX + key + peer id
+KEY_LEN = 32                     # bytes of a raw public key (40 in Z85)
+DOMAIN = b"llmos"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(endpoint: str) -> bool:
+    return endpoint.startswith("tcp://") and endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]") in LOOPBACK
+
+
+def server_keys(state: Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of this kernel, made at first call (files 0600)."""
+    d = state / "keys"
+    secret = d / "server.key_secret"
+    if not secret.exists():
+        d.mkdir(mode=0o700, exist_ok=True)
+        old = os.umask(0o077)
+        try:
+            zmq.auth.create_certificates(str(d), "server")
+        finally:
+            os.umask(old)
+    for f in (d / "server.key", secret):
+        os.chmod(f, 0o600)
+    public, private = zmq.auth.load_certificate(str(secret))
+    return public, private
+
+
+def public_key(state: Path) -> str | None:
+    """The kernel's public key (Z85 text), or None before its first boot."""
+    try:
+        return zmq.auth.load_certificate(str(state / "keys" / "server.key"))[0].decode()
+    except (OSError, ValueError):
+        return None
+
+
+def key_of(identity: bytes) -> str | None:
+    """The Z85 client key a frame came with, or None for the local socket's."""
+    if not identity.startswith(PREFIX):
+        return None
+    return zmq.utils.z85.encode(identity[len(PREFIX):len(PREFIX) + KEY_LEN]).decode()
+
+
+class CurveEndpoint:
+    """A CURVE ROUTER on ``endpoint`` and the thread that forwards between it and the loop's
+    ``loop_end`` PAIR (frames ``[PREFIX + key + peer id, payload]``)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, state: Path, max_frame: int):
+        self.ctx, self.endpoint = ctx, endpoint
+        public, secret = server_keys(state)
+        self.auth = ThreadAuthenticator(ctx)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.curve_server = True
+        self.router.curve_publickey, self.router.curve_secretkey = public, secret
+        self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        self.router.zap_domain = DOMAIN
+        self.router.setsockopt(zmq.LINGER, 2000)
+        self.router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
+        self.router.setsockopt(zmq.RCVHWM, 10_000)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.bind(endpoint)
+        self.monitor = self.router.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH, addr=f"inproc://llmos-curve-mon-{id(self)}")
+        name = f"inproc://llmos-curve-{id(self)}"
+        self._back = ctx.socket(zmq.PAIR)
+        self._back.bind(name)
+        self.loop_end = ctx.socket(zmq.PAIR)
+        self.loop_end.setsockopt(zmq.LINGER, 0)
+        self.loop_end.connect(name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmos-curve", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._back, zmq.POLLIN)
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(100):
+                for _ in range(256):             # a burst, then look at the other side
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if sock is self.router:
+                        self._inbound(frames)
+                    else:
+                        identity = frames[0].bytes
+                        self.router.send_multipart([identity[len(PREFIX) + KEY_LEN:], *frames[1:]])
+
+    def _inbound(self, frames) -> None:
+        key = frames[-1].get("User-Id")            # the Z85 key ZAP saw (CURVE proved it)
+        raw = zmq.utils.z85.decode(key.encode()) if key else b""
+        if len(raw) != KEY_LEN:
+            return
+        self._back.send_multipart([PREFIX + raw + frames[0].bytes, *frames[1:]])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.router.disable_monitor()
+        for s in (self.monitor, self.loop_end, self._back, self.router):
+            s.close(0)
+        self.auth.stop()

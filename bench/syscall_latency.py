@@ -1,11 +1,13 @@
-"""Null-call round trip: llmos `nop` vs a raw pyzmq+msgpack DEALER/ROUTER echo, same run.
+"""Null-call round trip: llmos `nop` vs a raw pyzmq+msgpack DEALER/ROUTER echo, same run; and
+llmos over ipc, plain loopback TCP and CURVE-encrypted TCP (``--listen``).
 
     python bench/syscall_latency.py [--calls 5000] [--clients 8]
 
 Prints p50/p99 latency and calls/s with 1 and with N concurrent clients (separate processes)
-for both, and the ratios. The echo server decodes each msgpack request and encodes a reply,
+for each, and the ratios. The echo server decodes each msgpack request and encodes a reply,
 so the difference is what llmos adds: the I/O thread hop, authentication, the table lookup,
-argument checking and dispatch.
+argument checking and dispatch. CURVE vs plain TCP is what encryption and the CURVE
+forwarder add (target: p50 at most 1.5x plain TCP).
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ def echo_server(endpoint: str, ready) -> None:
                                                 "more": False})])
 
 
-def client_run(endpoint: str, token: str | None, calls: int, start_at: float, out) -> None:
-    from llmos.syscalls import abi
+def client_run(endpoint: str, token: str | None, calls: int, start_at: float, out, server_key=None) -> None:
+    from llmos.syscalls import abi, remote
     s = zmq.Context().socket(zmq.DEALER)
+    if server_key:
+        remote.Curve(server_key).apply(s)
     s.connect(endpoint)
     time.sleep(max(0.0, start_at - time.time()))
     lat = []
@@ -54,10 +58,11 @@ def client_run(endpoint: str, token: str | None, calls: int, start_at: float, ou
     out.put((lat, time.perf_counter() - t_begin))
 
 
-def measure(endpoint: str, token: str | None, calls: int, clients: int) -> dict:
+def measure(endpoint: str, token: str | None, calls: int, clients: int, server_key: str | None = None) -> dict:
     q = mp.Queue()
     start_at = time.time() + 0.5
-    procs = [mp.Process(target=client_run, args=(endpoint, token, calls, start_at, q)) for _ in range(clients)]
+    procs = [mp.Process(target=client_run, args=(endpoint, token, calls, start_at, q, server_key))
+             for _ in range(clients)]
     for p in procs:
         p.start()
     results = [q.get() for _ in procs]
@@ -69,6 +74,13 @@ def measure(endpoint: str, token: str | None, calls: int, clients: int) -> dict:
             "calls_per_s": clients * calls / wall}
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=5000)
@@ -76,8 +88,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration; medians are reported")
     a = ap.parse_args()
     from conftest import KernelProc
-    kernel = KernelProc(model="none").start()
+
+    from llmos.kernel.curve import public_key
     tmp = tempfile.mkdtemp(prefix="llmos-echo-")
+    os.environ["LLMOS_CONFIG_DIR"] = tmp                  # the CURVE clients' key pair
+    tcp, curve = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    kernel = KernelProc("--listen", curve, model="none").start()
+    plain = KernelProc("--socket", tcp, model="none").start()
+    key = public_key(kernel.state)
     echo_ep = f"ipc://{tmp}/echo.sock"
     ready = mp.Event()
     echo = mp.Process(target=echo_server, args=(echo_ep, ready), daemon=True)
@@ -86,8 +104,9 @@ def main() -> int:
     rows = []
     try:
         for n in (1, a.clients):
-            for name, ep, tok in (("raw echo", echo_ep, None), ("llmos nop", kernel.socket, kernel.token)):
-                runs = [measure(ep, tok, a.calls, n) for _ in range(a.repeat)]
+            for name, ep, tok, sk in (("raw echo", echo_ep, None, None), ("llmos nop", kernel.socket, kernel.token, None),
+                                      ("llmos tcp", tcp, plain.token, None), ("llmos curve", curve, kernel.token, key)):
+                runs = [measure(ep, tok, a.calls, n, sk) for _ in range(a.repeat)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 rows.append((n, name, med))
     finally:
@@ -96,16 +115,19 @@ def main() -> int:
         s.send(msgpack.packb({"id": 0, "call": "quit"}))
         echo.join(5)
         kernel.cleanup()
+        plain.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"syscall round trip, {a.calls} calls per client, median of {a.repeat} runs, {os.cpu_count()} cores")
-    print(f"{'clients':>7}  {'server':<10} {'p50 us':>8} {'p99 us':>8} {'calls/s':>9}")
+    print(f"{'clients':>7}  {'server':<12} {'p50 us':>8} {'p99 us':>8} {'calls/s':>9}   (llmos nop: ipc)")
     for n, name, m in rows:
-        print(f"{n:>7}  {name:<10} {m['p50_us']:8.1f} {m['p99_us']:8.1f} {m['calls_per_s']:9.0f}")
+        print(f"{n:>7}  {name:<12} {m['p50_us']:8.1f} {m['p99_us']:8.1f} {m['calls_per_s']:9.0f}")
     for n in (1, a.clients):
-        raw = next(m for k, nm, m in rows if k == n and nm == "raw echo")
-        ll = next(m for k, nm, m in rows if k == n and nm == "llmos nop")
+        got = {nm: m for k, nm, m in rows if k == n}
+        raw, ll, tcp_m, cur = got["raw echo"], got["llmos nop"], got["llmos tcp"], got["llmos curve"]
         print(f"{n} client(s): llmos p50 = {ll['p50_us'] / raw['p50_us']:.2f}x raw echo; "
-              f"throughput = {ll['calls_per_s'] / raw['calls_per_s']:.2f}x raw echo")
+              f"throughput = {ll['calls_per_s'] / raw['calls_per_s']:.2f}x raw echo; "
+              f"CURVE p50 = {cur['p50_us'] / tcp_m['p50_us']:.2f}x plain TCP (target <= 1.5x), "
+              f"throughput = {cur['calls_per_s'] / tcp_m['calls_per_s']:.2f}x")
     return 0
 
 

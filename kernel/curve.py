@@ -8,17 +8,16 @@ on the kernel's context; ``ZAP_ENFORCE_DOMAIN`` makes a missing handler fail clo
 
 Tokens still say who a caller is. A user may also register client public keys
 (``user_key_add``); then only a connection made with one of them may speak for that user over
-CURVE. So that the kernel loop knows a connection's key, this endpoint is served by a small
-forwarder thread (not the C proxy of the local socket, which drops ZeroMQ's per-message
-``User-Id``): it hands each frame to the loop under a routing id that starts with a NUL byte,
-the key and the peer's own id. No peer can choose such an id (ZeroMQ refuses routing ids that
-start with NUL, and generates 5-byte ones), so a key the loop reads from an id is the key that
-connection proved.
+CURVE. So that the kernel loop knows a connection's key, it reads this socket itself (not
+through the C proxy of the local socket, which drops ZeroMQ's per-message ``User-Id``; ZeroMQ's
+own I/O threads still do the network work and the decryption) and hands each frame on under a
+routing id that starts with a NUL byte, the key and the peer's own id. No peer can choose such
+an id (ZeroMQ refuses routing ids that start with NUL, and generates 5-byte ones), so a key the
+loop reads from an id is the key that connection proved.
 """
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import zmq
@@ -70,11 +69,11 @@ def key_of(identity: bytes) -> str | None:
 
 
 class CurveEndpoint:
-    """A CURVE ROUTER on ``endpoint`` and the thread that forwards between it and the loop's
-    ``loop_end`` PAIR (frames ``[PREFIX + key + peer id, payload]``)."""
+    """A CURVE ROUTER on ``endpoint``, read and written by the kernel loop as frames
+    ``[PREFIX + key + peer id, payload]``."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, state: Path, max_frame: int):
-        self.ctx, self.endpoint = ctx, endpoint
+        self.endpoint = endpoint
         public, secret = server_keys(state)
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
@@ -92,46 +91,21 @@ class CurveEndpoint:
         self.monitor = self.router.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH, addr=f"inproc://llmos-curve-mon-{id(self)}")
-        name = f"inproc://llmos-curve-{id(self)}"
-        self._back = ctx.socket(zmq.PAIR)
-        self._back.bind(name)
-        self.loop_end = ctx.socket(zmq.PAIR)
-        self.loop_end.setsockopt(zmq.LINGER, 0)
-        self.loop_end.connect(name)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llmos-curve", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def recv_multipart(self, flags: int = 0) -> list[bytes]:
+        """The next frame, its routing id naming the key it came with (raises ``zmq.Again``)."""
+        while True:
+            frames = self.router.recv_multipart(flags, copy=False)
+            key = frames[-1].get("User-Id")            # the Z85 key ZAP saw (CURVE proved it)
+            raw = zmq.utils.z85.decode(key.encode()) if key else b""
+            if len(raw) == KEY_LEN:
+                return [PREFIX + raw + frames[0].bytes, *(f.bytes for f in frames[1:])]
 
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self._back, zmq.POLLIN)
-        while not self._stop.is_set():
-            for sock, _ in poller.poll(100):
-                for _ in range(256):             # a burst, then look at the other side
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    if sock is self.router:
-                        self._inbound(frames)
-                    else:
-                        identity = frames[0].bytes
-                        self.router.send_multipart([identity[len(PREFIX) + KEY_LEN:], *frames[1:]])
-
-    def _inbound(self, frames) -> None:
-        key = frames[-1].get("User-Id")            # the Z85 key ZAP saw (CURVE proved it)
-        raw = zmq.utils.z85.decode(key.encode()) if key else b""
-        if len(raw) != KEY_LEN:
-            return
-        self._back.send_multipart([PREFIX + raw + frames[0].bytes, *frames[1:]])
+    def send_multipart(self, frames) -> None:
+        self.router.send_multipart([frames[0][len(PREFIX) + KEY_LEN:], *frames[1:]])
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
         self.router.disable_monitor()
-        for s in (self.monitor, self.loop_end, self._back, self.router):
+        for s in (self.monitor, self.router):
             s.close(0)
         self.auth.stop()

@@ -77,15 +77,13 @@ class IOThread:
         self._ctl.bind(self._ctl_name)
         self._thread = threading.Thread(target=self._run, name="llmos-io", daemon=True)
         self.curve = curve_mod.CurveEndpoint(self.ctx, curve, state, max_frame) if curve else None
-        self.channel = Channel(self.kernel_end, self.curve.loop_end if self.curve else None)
+        self.channel = Channel(self.kernel_end, self.curve)
         #: what the loop polls: the ends it reads frames from, and the monitors
-        self.sockets = [self.kernel_end, self.monitor] + ([self.curve.loop_end, self.curve.monitor]
+        self.sockets = [self.kernel_end, self.monitor] + ([self.curve.router, self.curve.monitor]
                                                            if self.curve else [])
 
     def start(self) -> None:
         self._thread.start()
-        if self.curve:
-            self.curve.start()
 
     def _run(self) -> None:
         ctl = self.ctx.socket(zmq.PAIR)

@@ -5,7 +5,9 @@ has a timeout; a blocking call (``wait``, ``read``) probes the kernel while it w
 kernel gives ``ETIMEDOUT`` and a restarted one ``ECONNRESET`` instead of a hang — except that
 ``read`` and ``wait`` themselves wait for a restarted kernel and go on (it restores its processes
 from its journal): ``read`` from the last token it yielded. A request
-larger than the kernel's frame limit fails at once with ``EMSGSIZE`` and is not sent.
+larger than the kernel's frame limit fails at once with ``EMSGSIZE`` and is not sent. A kernel on
+another machine is reached over CURVE (``connect(server_key=…)`` or a named remote; keys and
+remotes in ``syscalls/remote.py``).
 """
 from __future__ import annotations
 

@@ -45,7 +45,10 @@ def _state_and_socket(argv: list[str]) -> tuple[Path, str]:
                 return a.split("=", 1)[1]
         return None
     state = Path(opt("--state-dir")).expanduser() if opt("--state-dir") else locate.state_dir()
-    return state, opt("--socket") or os.environ.get("LLMOS_SOCKET") or locate.default_socket(state)
+    socket = opt("--socket") or os.environ.get("LLMOS_SOCKET") or locate.default_socket(state)
+    if socket.startswith("tcp://") and not socket.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:")):
+        socket = locate.default_socket(state)      # served over CURVE; the local socket is the ipc one
+    return state, socket
 
 
 def kernel_start(argv: list[str]) -> int:
@@ -82,8 +85,9 @@ def kernel_start(argv: list[str]) -> int:
     else:
         print("llmos: kernel did not answer within 300 s", file=sys.stderr)
         return 1
+    listen = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--listen"), None)
     print(f"kernel started (pid {kernel_pid}" + (f", supervisor pid {proc.pid}" if supervised else "")
-          + f") on {socket}")
+          + f") on {socket}" + (f" and {listen} (CURVE; `llmos kernel key` prints its public key)" if listen else ""))
     if first_boot:
         print(f"root token (shown once; saved to {state / locate.TOKEN_NAME}):\n{locate.saved_token(state)}")
     return 0

@@ -17,6 +17,7 @@ _BY_NAME: dict[str, Callable] = {
     "bye": sysinfo.sys_bye,
     "user_key": sysaudit.sys_user_key,
     "audit": sysaudit.sys_audit,
+    "svc_attach": syssvc.sys_svc_attach,
     "uname": sysinfo.sys_uname,
     "whoami": sysinfo.sys_whoami,
     "stat": sysinfo.sys_stat,

@@ -58,6 +58,7 @@ class ServiceProc:
     backoff: float = BACKOFF_MIN_S
     restart_at: float | None = None
     down_because: str = ""                # why it last went down
+    attached: bool = False                # its host runs elsewhere (``attach``): never started nor restarted here
 
     @property
     def user(self) -> User:
@@ -106,6 +107,21 @@ class ServiceManager:
         log.info("service %s started (pid %d)", name, svc.proc.pid)
         return svc
 
+    def attach(self, name: str) -> str:
+        """A service whose host runs elsewhere (another machine, over CURVE): a token for it to
+        register with, like one the kernel starts. It is not restarted here: when it goes down
+        (missed heartbeats, ``svc_stop``) its token is dropped and its host must be attached anew."""
+        svc = self.services.get(name)
+        if svc is not None and svc.state in RUNNING_STATES:
+            raise SyscallError("EBUSY", f"service {name} is already running")
+        svc = self.services[name] = ServiceProc(name, attached=True)
+        token = "svc_" + secrets.token_urlsafe(32)
+        svc.token_hash = hash_token(token)
+        self.by_token[svc.token_hash] = svc
+        svc.state, svc.started_at, svc.last_heartbeat = SvcState.STARTING, time.monotonic(), time.monotonic()
+        log.info("service %s attached: waiting for its host to register", name)
+        return token
+
     def stop(self, name: str) -> None:
         svc = self.services.get(name)
         if svc is None:
@@ -130,10 +146,11 @@ class ServiceManager:
         for svc in self.services.values():
             if svc.state in RUNNING_STATES:
                 up = svc.state is SvcState.UP
-                if svc.proc.poll() is not None:
+                if svc.proc is not None and svc.proc.poll() is not None:
                     self._down(svc, f"exited with {svc.proc.returncode}")
                 elif now - svc.last_heartbeat > (HEARTBEAT_TIMEOUT_S if up else START_TIMEOUT_S):
-                    self._down(svc, "missed heartbeats" if up else "did not register in time")
+                    self._down(svc, "missed heartbeats" if up else "did not register in time",
+                               restart=not svc.attached)
             elif svc.state is SvcState.DOWN and svc.restart_at is not None and now >= svc.restart_at:
                 svc.restarts += 1
                 audit.event("service_restart", service=svc.name, restarts=svc.restarts, why=svc.down_because)

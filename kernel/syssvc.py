@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from llmos.kernel import audit
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.table import check_args
@@ -70,6 +71,15 @@ def sys_svc_start(k, call):
         raise SyscallError("ENOENT", f"no service {name!r}; known: {sorted(known_services())}")
     svc = k.services.start(name)
     return {"name": name, "pid": svc.proc.pid, "state": svc.state.value}
+
+
+def sys_svc_attach(k, call):
+    name = call.args["name"]
+    if name in BUILTIN_SERVICES:
+        raise SyscallError("EINVAL", f"{name} is a built-in service: the kernel runs it (svc_start)")
+    token = k.services.attach(name)
+    audit.event("service_attach", user=call.user.name, service=name)
+    return {"name": name, "token": token}
 
 
 def sys_svc_stop(k, call):

@@ -12,7 +12,9 @@ table module, like the kernel's), maps each name to a method in ``handlers()``, 
             return text
 
 The kernel starts it (``python -m llmos.services.run NAME``) with ``LLMOS_SOCKET`` and a
-one-time ``LLMOS_SERVICE_TOKEN`` in the environment. The service registers its table, then
+one-time ``LLMOS_SERVICE_TOKEN`` in the environment. A plug-in host on another machine runs the
+same command with the token ``svc_attach`` gave, ``LLMOS_SOCKET=tcp://…``, the kernel's
+``LLMOS_SERVER_KEY`` (CURVE) and ``LLMOS_SERVICE_ATTACHED=1``. The service registers its table, then
 receives ``{"id", "call", "args", "caller": {uid, user, caps}}`` messages (arguments already
 checked against its schema by the kernel, the caller already authenticated) and answers each
 with ``svc_reply``; a handler may also yield several results (a stream). Calls named in
@@ -65,8 +67,8 @@ class Service:
         """A new ABI client with this service's identity, for calls of its own: ``mm_lease``,
         or ``svc_call`` to use another service as a user (built-ins, or plug-ins started with
         ``--delegate``). One per thread; never from a handler to this same service."""
-        from llmos.syscalls.client import Client
-        return Client(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_SERVICE_TOKEN"], timeout=timeout)
+        from llmos.syscalls.client import connect
+        return connect(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_SERVICE_TOKEN"], timeout=timeout)
 
     # -- the receive/reply loop ---------------------------------------------------------------
     def run(self, socket: str | None = None, token: str | None = None) -> None:
@@ -78,12 +80,16 @@ class Service:
         assert not missing, f"{self.name}: calls without a handler: {missing}"
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
+        if socket.startswith("tcp://") and os.environ.get("LLMOS_SERVER_KEY"):    # a host on another machine
+            from llmos.syscalls.remote import Curve
+            Curve(os.environ["LLMOS_SERVER_KEY"]).apply(sock)
         sock.connect(socket)
         self._sock, self._token, self._rid = sock, token, 0
         self._request("svc_register", {"name": self.name, "calls": [schema_of(sc) for sc in self.calls],
                                        "pid": os.getpid()})
         next_beat = time.monotonic() + HEARTBEAT_S
         kernel_pid = os.getppid()        # the kernel started us: when it is gone, so are we
+        attached = bool(os.environ.get("LLMOS_SERVICE_ATTACHED"))   # ...unless we run elsewhere (svc_attach)
         self._done: queue.SimpleQueue = queue.SimpleQueue()     # replies from worker threads
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{self.name}-call")
         self._busy = 0
@@ -108,7 +114,7 @@ class Service:
                 self._busy -= not more
                 self._reply(kid, ok, payload, more)
             if time.monotonic() >= next_beat:
-                if os.getppid() != kernel_pid:
+                if not attached and os.getppid() != kernel_pid:
                     log.warning("%s: its kernel (pid %d) is gone; exiting", self.name, kernel_pid)
                     return
                 self._request("svc_heartbeat", {"name": self.name})

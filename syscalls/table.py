@@ -352,6 +352,11 @@ SYSCALLS: tuple[Syscall, ...] = (
                              "with a registered key may speak for it over CURVE (its tokens alone no longer "
                              "suffice). Local (ipc) connections are not affected.",
             returns="{user, keys}"),
+    Syscall(43, "svc_attach", (Arg("name", "str", required=True, max_len=64),), cap="admin",
+            doc="A plug-in whose host runs elsewhere (e.g. another machine, over CURVE): returns the one-time "
+                "service token its host registers with (LLMOS_SERVICE_TOKEN). It is supervised by its "
+                "heartbeats, never started or restarted here; once down it must be attached anew.",
+            returns="{name, token}"),
     Syscall(42, "audit", (Arg("since", "float", min=0.0, doc="Unix seconds: only events from then on"),
                           Arg("user", "str", max_len=64, doc="only events about this user"),
                           Arg("event", "str", max_len=32, doc="only this kind of event"),

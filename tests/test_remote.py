@@ -13,7 +13,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import KernelProc, wait_for
+from conftest import KernelProc, errno_of, wait_for
 from fixtures_models import prompt_of, tiny_models  # noqa: F401
 from llmos import SyscallError, connect
 from llmos.kernel.curve import public_key
@@ -200,3 +200,23 @@ def test_remote_option_is_taken_from_any_command_and_the_shell():
         assert _take_remote(["ps"]) == ["ps"]
     finally:
         os.environ.pop("LLMOS_REMOTE", None) if saved is None else os.environ.__setitem__("LLMOS_REMOTE", saved)
+
+
+def test_a_plugin_hosted_elsewhere_attaches_over_curve_and_serves(kernel, config_dir):
+    with kernel.client() as root:
+        token = root.svc_attach("echo")["token"]
+        assert errno_of(root.svc_attach, "fs") == "EINVAL"                   # built-ins run in the kernel
+        env = {**os.environ, "LLMOS_SOCKET": kernel.tcp, "LLMOS_SERVER_KEY": kernel.key,
+               "LLMOS_SERVICE_TOKEN": token, "LLMOS_SERVICE_ATTACHED": "1"}
+        host = subprocess.Popen([sys.executable, "-m", "llmos.services.run", "echo"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: any(s["name"] == "echo" and s["state"] == "up" for s in root.svc_list()), timeout=60)
+            assert root.call("echo", text="from afar")["text"] == "from afar"
+            assert list(root.stream("echo_count", n=3)) == [0, 1, 2, None]
+            root.svc_stop("echo")                                            # its token is dropped: it exits
+            assert host.wait(timeout=30) == 0
+            assert errno_of(root.call, "echo", text="x") in ("ENOSYS", "EAGAIN")
+        finally:
+            if host.poll() is None:
+                host.kill()

@@ -47,16 +47,21 @@ def unload(ctx, a):
 def _svc(p):
     subcommands(p, ("list", "Services and their state.", []),
                 ("start", "Start a service or plug-in.", [arg("name")]),
+                ("attach", "A plug-in hosted elsewhere: prints the token its host registers with.", [arg("name")]),
                 ("stop", "Stop a service.", [arg("name")]))
 
 
-@command("svc", "Services: svc list | start NAME | stop NAME.", build=_svc, words=("list", "start", "stop"))
+@command("svc", "Services: svc list | start NAME | attach NAME | stop NAME.", build=_svc,
+         words=("list", "start", "attach", "stop"))
 def svc(ctx, a):
     if a.sub == "list":
         rows = ctx.client.svc_list()
         ctx.out(rows, render.svc_view(rows))
     elif a.sub == "start":
         ctx.out(ctx.client.svc_start(a.name))
+    elif a.sub == "attach":
+        r = ctx.client.svc_attach(a.name)
+        ctx.out(r, r["token"])
     else:
         ctx.client.svc_stop(a.name)
         ctx.out(True, f"stopped {a.name}")

@@ -226,7 +226,7 @@ def test_default_token_serves_requests_without_a_header(kernel, alice):
 
 
 def test_an_unreachable_kernel_is_503(tmp_path):
-    with TestClient(make_app(f"ipc://{tmp_path}/none.sock", default_token="x")) as tc:
+    with TestClient(make_app(f"ipc://{tmp_path}/none.sock", default_token="x", public_metrics=True)) as tc:
         body = {"model": MODEL, "prompt": "hi"}
         assert_openai_error(tc.post("/v1/completions", json=body), 503, "kernel_unavailable")
         assert tc.get("/health").status_code == 503

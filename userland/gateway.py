@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from contextlib import asynccontextmanager
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -27,6 +29,7 @@ from llmos.syscalls import locate
 from llmos.syscalls.errors import SyscallError
 from llmos.userland.gateway_metrics import GatewayMetrics
 from llmos.userland.gateway_pool import ClientPool
+from llmos.userland.gateway_secure import MetricsGuard, RequestId, check_serving
 from llmos.userland.gateway_request import (TRANSPORT_ERRNOS, ApiError, Job, api_error_of, bearer_token,
                                             parse_job, read_json)
 
@@ -244,11 +247,13 @@ def _sse(obj: dict) -> str:
 
 # -- the application -----------------------------------------------------------------------------
 def make_app(socket: str | None = None, default_token: str | None = None, max_body_bytes: int = 1 << 20,
-             max_workers: int = 128, metrics_token: str | None = None) -> Starlette:
+             max_workers: int = 128, metrics_token: str | None = None, public_metrics: bool = False) -> Starlette:
     """The gateway as an ASGI app. ``default_token`` serves requests without an Authorization
     header (else they are refused); kernel metrics are read with ``metrics_token``, else
-    ``default_token``, else the local user's saved token."""
+    ``default_token``, else the local user's saved token. ``/metrics`` answers a bearer token
+    of a user with capability admin or metrics (any request with ``public_metrics``)."""
     gw = Gateway(socket, default_token, max_body_bytes, max_workers, metrics_token)
+    guard = MetricsGuard(gw.pool, public_metrics)
 
     def endpoint(name: str, fn):
         async def handle(request):
@@ -290,6 +295,7 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
         raise ApiError(404, f"the model {wanted!r} does not exist", param="model", code="model_not_found")
 
     async def metrics(request):
+        await gw.run(guard.check, request.headers.get("authorization"))
         body = await gw.run(generate_latest, gw.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -304,7 +310,7 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
               Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
               Route("/v1/models", endpoint("/v1/models", models), methods=["GET"]),
               Route("/v1/models/{model:path}", endpoint("/v1/models", models), methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"]),
+              Route("/metrics", endpoint("/metrics", metrics), methods=["GET"]),
               Route("/health", endpoint("/health", health), methods=["GET"])]
 
     @asynccontextmanager
@@ -314,7 +320,8 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
             executor.shutdown(wait=False, cancel_futures=True)
         gw.pool.close()
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
+                    middleware=[Middleware(RequestId)])
     app.state.gateway = gw
     return app
 
@@ -346,8 +353,18 @@ def main(argv: list[str] | None = None) -> int:
                                                           "else the saved local token)")
     ap.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
     ap.add_argument("--workers", type=int, default=128, help="threads making ABI calls (each stream holds one)")
+    ap.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    ap.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    ap.add_argument("--insecure", action="store_true", help="allow plain HTTP on a non-loopback --host (tokens "
+                                                            "in clear)")
+    ap.add_argument("--public-metrics", action="store_true", help="/metrics without a token")
     args = ap.parse_args(argv)
+    refusal = check_serving(args.host, args.tls_cert, args.tls_key, args.insecure)
+    if refusal:
+        print(f"llmos serve-http: {refusal}", file=sys.stderr)
+        return 2
     socket = args.socket or os.environ.get("LLMOS_SOCKET")
-    app = make_app(socket, args.token, args.max_body, args.workers, args.metrics_token)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    app = make_app(socket, args.token, args.max_body, args.workers, args.metrics_token, args.public_metrics)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", ssl_certfile=args.tls_cert,
+                ssl_keyfile=args.tls_key)
     return 0

@@ -44,11 +44,15 @@ class ClientPool:
 
     def check(self, token: str) -> None:
         """Raises EACCES unless the kernel knows ``token``; known tokens are remembered."""
-        if token in self.known_tokens:
-            return
+        if token not in self.known_tokens:
+            self.whoami(token)
+
+    def whoami(self, token: str) -> dict:
+        """The kernel's ``whoami`` for ``token`` ({user, uid, caps}), which is then known; an
+        unknown token raises EACCES and its idle clients are closed."""
         try:
             with self.client(token) as c:
-                c.whoami()
+                me = c.whoami()
         except SyscallError as err:
             if err.errno == "EACCES":
                 with self._lock:
@@ -57,6 +61,7 @@ class ClientPool:
             raise
         with self._lock:
             self.known_tokens.add(token)
+        return me
 
     def close(self) -> None:
         with self._lock:

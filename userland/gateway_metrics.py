@@ -1,15 +1,12 @@
-"""The gateway's Prometheus metrics: what the gateway measures itself, the kernel's own figures
-read through the ABI on every scrape, and who may scrape them (``ScrapeGuard``).
+"""The gateway's Prometheus metrics: what the gateway measures itself, and the kernel's own
+figures read through the ABI on every scrape.
 
 Both live in one private ``CollectorRegistry`` per gateway, so two gateways in one process (tests)
 never share counters. Kernel figures the kernel does not report yet are simply absent.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import threading
-import time
 from collections.abc import Callable, Iterator
 
 from llmos.syscalls.errors import SyscallError
@@ -21,11 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from llmos.userland.gateway_request import ApiError, bearer_token
-
 PROC_STATES = ("READY", "RUNNING", "BLOCKED", "STOPPED", "SWAPPED", "ZOMBIE")    # always exported, 0 or not
-SCRAPE_CAPS = frozenset({"admin", "metrics"})     # either one lets a user read /metrics
-SCRAPE_TTL_S = 5.0                               # how long a token's capabilities are trusted
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -51,49 +44,6 @@ class GatewayMetrics:
                                   ["model"], registry=r)
         if kernel_calls is not None:
             r.register(KernelCollector(kernel_calls))
-
-
-class ScrapeGuard:
-    """Who may read ``/metrics``: the caller's own bearer token (never the gateway's default
-    one), whose user holds ``admin`` or ``metrics``. ``whoami(token)`` asks the kernel (a
-    blocking ABI call); its capabilities are remembered per token hash for ``ttl`` seconds, so a
-    scraper costs the kernel one call every few seconds, and a revoked token is refused soon."""
-
-    def __init__(self, whoami: Callable[[str], dict], ttl: float = SCRAPE_TTL_S):
-        self.whoami, self.ttl = whoami, ttl
-        self._caps: dict[str, tuple[float, frozenset]] = {}    # sha256(token) -> (when asked, caps)
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def token_of(authorization: str | None) -> str:
-        """The request's bearer token; 401 (the gateway's usual error) when there is none."""
-        return bearer_token(authorization, None)
-
-    def cached(self, token: str) -> frozenset | None:
-        """The token's capabilities if asked less than ``ttl`` seconds ago, else None (no I/O)."""
-        with self._lock:
-            at, caps = self._caps.get(_digest(token), (0.0, None))
-        return caps if time.monotonic() - at <= self.ttl else None
-
-    def ask(self, token: str) -> frozenset:
-        """The token's capabilities from the kernel (EACCES for an unknown token), remembered."""
-        caps = frozenset(self.whoami(token).get("caps") or ())
-        now = time.monotonic()
-        with self._lock:
-            self._caps = {d: v for d, v in self._caps.items() if now - v[0] <= self.ttl}
-            self._caps[_digest(token)] = (now, caps)
-        return caps
-
-    @staticmethod
-    def allow(caps: frozenset) -> None:
-        """403 unless ``caps`` hold admin or metrics."""
-        if not caps & SCRAPE_CAPS:
-            raise ApiError(403, "reading /metrics needs the admin or metrics capability",
-                           "permission_error", code="EPERM")
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class KernelCollector(Collector):

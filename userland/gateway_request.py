@@ -1,16 +1,13 @@
 """The OpenAI wire format for the gateway: the bearer token and JSON body of a request, the
 body checked and turned into a ``Job`` (spawn arguments and how to answer), the answer's JSON
-shapes, ``ApiError`` (with the HTTP status of each kernel errno), and ``RequestIds``, which
-gives every response an ``x-request-id`` and logs it.
+shapes, and ``ApiError`` (with the HTTP status of each kernel errno).
 
 Every bad input is an ``ApiError`` (HTTP 400 with the offending ``param``), never a traceback.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,8 +20,6 @@ MAX_STOPS = 16
 TRANSPORT_ERRNOS = {"ECONNREFUSED", "ETIMEDOUT", "ECONNRESET"}     # the client is unusable afterwards
 HTTP_STATUS = {"EINVAL": 400, "E2BIG": 400, "EMSGSIZE": 413, "EACCES": 401, "EPERM": 403, "ENOENT": 404,
                "ESRCH": 404, "EAGAIN": 429, "EDQUOT": 429, "ENOMEM": 503, "EBUSY": 503}
-REQUEST_ID = b"x-request-id"
-SANE_REQUEST_ID = re.compile(r"[\x20-\x7e]{0,127}[\x21-\x7e]")     # 1-128 printable ASCII, not all blank
 
 
 class ApiError(Exception):
@@ -61,40 +56,6 @@ def bearer_token(header: str | None, default_token: str | None) -> str:
         raise ApiError(401, "the Authorization header must be 'Bearer <llmos token>'",
                        "authentication_error", code="invalid_api_key")
     return token.strip()
-
-
-def request_id_of(sent: bytes | None) -> str:
-    """A request's id: the client's own ``x-request-id`` if sane (1-128 printable ASCII
-    characters), else a fresh random one."""
-    text = sent.decode("latin-1").strip() if sent else ""
-    return text if SANE_REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
-
-
-class RequestIds:
-    """ASGI middleware: every HTTP response, streams included, carries ``x-request-id`` (see
-    ``request_id_of``); handlers find it in ``request.state.request_id`` for their logs, and
-    each response is logged with it when it starts (the gateway's access log)."""
-
-    def __init__(self, app, log: logging.Logger = logging.getLogger("llmos.gateway.access")):
-        self.app, self.log = app, log
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        sent = next((v for k, v in scope["headers"] if k == REQUEST_ID), None)
-        request_id = request_id_of(sent)
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID]
-                message = {**message, "headers": [*headers, (REQUEST_ID, request_id.encode())]}
-                client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
-                self.log.info('%s - "%s %s HTTP/%s" %d request_id=%s', client, scope["method"], scope["path"],
-                              scope.get("http_version", "1.1"), message["status"], request_id)
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 async def read_json(request, limit: int) -> dict:

@@ -120,3 +120,12 @@ def test_metrics_need_an_admin_or_metrics_token_and_every_response_has_a_request
             assert "[DONE]" in "".join(r.iter_text())
     with TestClient(make_app(kernel.socket, metrics_token=kernel.token, public_metrics=True)) as tc:
         assert tc.get("/metrics").status_code == 200
+
+
+def test_unknown_tokens_on_metrics_keep_no_client_open(kernel):
+    app = make_app(kernel.socket, metrics_token=kernel.token)
+    with TestClient(app) as tc:
+        for i in range(5):
+            assert tc.get("/metrics", headers={"Authorization": f"Bearer guess-{i}"}).status_code == 401
+        assert app.state.gateway.pool.num_idle() == 0       # each one kept would hold a kernel socket open
+

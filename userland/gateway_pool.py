@@ -48,8 +48,8 @@ class ClientPool:
             self.whoami(token)
 
     def whoami(self, token: str) -> dict:
-        """The kernel's ``whoami`` for ``token`` ({user, uid, caps}), which is then known; an
-        unknown token raises EACCES and its idle clients are closed."""
+        """The kernel's ``whoami`` for ``token`` ({user, uid, caps}); the token is known from then
+        on. An unknown token raises EACCES and keeps no client open (each would hold a socket)."""
         try:
             with self.client(token) as c:
                 me = c.whoami()
@@ -62,6 +62,11 @@ class ClientPool:
         with self._lock:
             self.known_tokens.add(token)
         return me
+
+    def num_idle(self) -> int:
+        """Clients kept open for reuse, all tokens together."""
+        with self._lock:
+            return sum(len(clients) for clients in self._idle.values())
 
     def close(self) -> None:
         with self._lock:

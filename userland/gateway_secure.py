@@ -40,8 +40,7 @@ class MetricsGuard:
             when, allowed = self._seen.get(key, (0.0, False))
         if time.monotonic() - when > CACHE_S:
             try:
-                with self.pool.client(token) as c:
-                    allowed = bool(set(c.whoami()["caps"]) & set(METRICS_CAPS))
+                allowed = bool(set(self.pool.whoami(token)["caps"]) & set(METRICS_CAPS))
             except SyscallError as err:
                 if err.errno == "EACCES":
                     raise ApiError(401, "invalid token", "authentication_error", code="invalid_api_key") from None

@@ -1,6 +1,7 @@
 """The gateway, made safe to expose (issue 15): HTTPS with a certificate made at test time and the
 official ``openai`` client trusting its CA; plain HTTP on a non-loopback host refused without
 --insecure; /metrics behind an admin or metrics token; an x-request-id on every response."""
+import logging
 import os
 import socket
 import ssl
@@ -88,6 +89,7 @@ def test_plain_http_on_another_interface_needs_insecure(kernel, tmp_path):
         gw.terminate()
         out = gw.communicate(timeout=30)[0]
     assert "WARNING: plain HTTP on 0.0.0.0 (--insecure)" in out
+    assert '"GET /health HTTP/1.1" 200 request_id=req_' in out        # the access log names each request
 
 
 def _answers(url: str) -> bool:
@@ -129,3 +131,17 @@ def test_unknown_tokens_on_metrics_keep_no_client_open(kernel):
             assert tc.get("/metrics", headers={"Authorization": f"Bearer guess-{i}"}).status_code == 401
         assert app.state.gateway.pool.num_idle() == 0       # each one kept would hold a kernel socket open
 
+
+def test_access_and_error_logs_carry_the_request_id(kernel, caplog):
+    app = make_app(kernel.socket, metrics_token=kernel.token)
+
+    async def broken(token):
+        raise RuntimeError("a gateway bug")
+    app.state.gateway.models_now = broken
+    with caplog.at_level(logging.INFO, logger="llmos.gateway"), TestClient(app) as tc:
+        assert tc.get("/health", headers={"x-request-id": "log-me"}).status_code == 200
+        r = tc.get("/v1/models", headers={"Authorization": f"Bearer {kernel.token}", "x-request-id": "oops-7"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "oops-7"
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert any('"GET /health HTTP/1.1" 200 request_id=log-me' in line for line in lines), lines
+    assert any("error serving /v1/models (request_id=oops-7)" in line for line in lines), lines

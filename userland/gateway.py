@@ -29,7 +29,7 @@ from llmos.syscalls import locate
 from llmos.syscalls.errors import SyscallError
 from llmos.userland.gateway_metrics import GatewayMetrics
 from llmos.userland.gateway_pool import ClientPool
-from llmos.userland.gateway_secure import MetricsGuard, RequestId, check_serving
+from llmos.userland.gateway_secure import MetricsGuard, RequestId, check_serving, log_config
 from llmos.userland.gateway_request import (TRANSPORT_ERRNOS, ApiError, Job, api_error_of, bearer_token,
                                             parse_job, read_json)
 
@@ -266,7 +266,7 @@ def make_app(socket: str | None = None, default_token: str | None = None, max_bo
             except SyscallError as err:
                 response = _error(api_error_of(err))
             except Exception:      # a gateway bug: logged here, never a traceback to the client
-                log.exception("error serving %s", name)
+                log.exception("error serving %s (request_id=%s)", name, request.state.request_id)
                 response = _error(ApiError(500, "internal gateway error", "server_error"))
             finally:
                 gw.metrics.in_flight.dec()
@@ -365,6 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     socket = args.socket or os.environ.get("LLMOS_SOCKET")
     app = make_app(socket, args.token, args.max_body, args.workers, args.metrics_token, args.public_metrics)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", ssl_certfile=args.tls_cert,
-                ssl_keyfile=args.tls_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=log_config(),
+                access_log=False, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)   # RequestId logs access
     return 0

@@ -3,6 +3,7 @@ the rule that bearer tokens never cross a network in clear (TLS, or ``--insecure
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import re
@@ -18,7 +19,7 @@ log = logging.getLogger("llmos.gateway")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 METRICS_CAPS = ("admin", "metrics")
 CACHE_S = 5.0                        # how long a token's capabilities are trusted for /metrics
-_SANE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class MetricsGuard:
@@ -54,23 +55,42 @@ class MetricsGuard:
 
 class RequestId:
     """ASGI middleware: every response carries ``x-request-id`` — the client's own, if sane
-    (1-128 printable characters), else a fresh one; streamed responses too."""
+    (1-128 printable characters), else a fresh one; streamed responses too. Handlers find it in
+    ``request.state.request_id``; each response is logged with it as it starts (the access log,
+    in place of uvicorn's)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, access_log: logging.Logger = logging.getLogger("llmos.gateway.access")):
+        self.app, self.access_log = app, access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), "")
-        rid = given if _SANE_ID.match(given) else "req_" + secrets.token_hex(12)
+        rid = given if _SANE_ID.fullmatch(given) else "req_" + secrets.token_hex(12)
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+                client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
+                self.access_log.info('%s - "%s %s HTTP/%s" %d request_id=%s', client, scope["method"],
+                                     scope["path"], scope.get("http_version", "1.1"), message["status"], rid)
             await send(message)
         await self.app(scope, receive, send_with_id)
+
+
+def log_config() -> dict:
+    """uvicorn's logging config plus the gateway's loggers: warnings and errors to stderr, and
+    ``RequestId``'s access log (with request ids) to stdout, where uvicorn's own would go."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["gateway_access"] = {"formatter": "default", "class": "logging.StreamHandler",
+                                            "stream": "ext://sys.stdout"}
+    config["loggers"]["llmos.gateway"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"]["llmos.gateway.access"] = {"handlers": ["gateway_access"], "level": "INFO",
+                                                 "propagate": False}
+    return config
 
 
 def check_serving(host: str, cert: str | None, key: str | None, insecure: bool) -> str | None:

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
-    if a.socket and a.socket.startswith("tcp://") and not curve.is_loopback(a.socket):
+    if a.socket and a.socket.startswith("tcp://") and not locate.is_loopback(a.socket):
         if a.listen:
             raise SystemExit("llmos: give a non-loopback TCP address as --listen, not also as --socket")
         a.socket, a.listen = None, a.socket
@@ -131,7 +131,7 @@ def check_endpoint(endpoint: str, listen: str | None = None) -> None:
     """The local socket is ipc or loopback TCP (no encryption: tokens must not cross a network in
     clear); other machines reach the kernel over CURVE (``listen``), on any TCP address."""
     if endpoint.startswith("tcp://"):
-        if not curve.is_loopback(endpoint):
+        if not locate.is_loopback(endpoint):
             raise SystemExit(f"llmos: refusing to serve {endpoint} in clear: use --listen for CURVE")
     elif not locate.is_ipc(endpoint):
         raise SystemExit(f"llmos: unsupported endpoint {endpoint}; use ipc://PATH or tcp://127.0.0.1:PORT")

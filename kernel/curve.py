@@ -17,7 +17,6 @@ loop reads from an id is the key that connection proved.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import zmq
@@ -25,30 +24,14 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from llmos.syscalls import abi
+from llmos.syscalls.remote import make_key_pair
 
 PREFIX = b"\x00curve:"           # routing ids of frames that came over CURVE: PREFIX + key + peer id
 KEY_LEN = 32                     # bytes of a raw public key (40 in Z85)
 DOMAIN = b"llmos"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def is_loopback(endpoint: str) -> bool:
-    return endpoint.startswith("tcp://") and endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]") in LOOPBACK
-
-
 def server_keys(state: Path) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys of this kernel, made at first call (files 0600)."""
-    d = state / "keys"
-    secret = d / "server.key_secret"
-    if not secret.exists():
-        d.mkdir(mode=0o700, exist_ok=True)
-        old = os.umask(0o077)
-        try:
-            zmq.auth.create_certificates(str(d), "server")
-        finally:
-            os.umask(old)
-    for f in (d / "server.key", secret):
-        os.chmod(f, 0o600)
+    secret = make_key_pair(state / "keys", "server")
     public, private = zmq.auth.load_certificate(str(secret))
     return public, private
 

@@ -275,10 +275,11 @@ class Kernel:
             audit.event("auth_failed", call=str(req.call)[:64], key=curve.key_of(identity), reason=err.message)
             self.outbox.error(identity, req.rid, err)
             return 0
+        key = curve.key_of(identity)                # None on the local socket
         try:
-            self.users.check_key(user, curve.key_of(identity))
+            self.users.check_key(user, key)
         except SyscallError as err:
-            audit.event("key_refused", user=user.name, key=curve.key_of(identity))
+            audit.event("key_refused", user=user.name, key=key)
             self.outbox.error(identity, req.rid, err)
             return 0
         self.sessions.touch(user.uid, req.session)

@@ -344,12 +344,8 @@ def connect(socket: str | None = None, token: str | None = None, timeout: float 
     curve = None
     if socket.startswith("tcp://") and server_key:
         curve = remotes.Curve(server_key, client_key)
-    elif socket.startswith("tcp://") and not _loopback(socket):
+    elif socket.startswith("tcp://") and not locate.is_loopback(socket):
         raise SyscallError("EINVAL", f"{socket} is another machine: give the kernel's public key (server_key= or "
                                      f"$LLMOS_SERVER_KEY; `llmos kernel key` prints it there)")
     return Client(socket, token, timeout=timeout, curve=curve)
-
-
-def _loopback(endpoint: str) -> bool:
-    return endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
 

@@ -28,6 +28,14 @@ def saved_token(state: Path | None = None) -> str | None:
         return None
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """A ``tcp://`` endpoint on this machine only (served in clear; others need CURVE)."""
+    return endpoint.startswith("tcp://") and endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]") in LOOPBACK_HOSTS
+
+
 def is_ipc(endpoint: str) -> bool:
     return endpoint.startswith("ipc://")
 

@@ -34,13 +34,8 @@ def client_keys(path: str | None = None) -> tuple[bytes, bytes]:
     or the default pair, made now if there is none."""
     given = path or os.environ.get("LLMOS_CLIENT_KEY")
     secret = Path(given).expanduser() if given else config_dir() / "client.key_secret"
-    if not given and not secret.exists():
-        secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        old = os.umask(0o077)
-        try:
-            zmq.auth.create_certificates(str(secret.parent), "client")
-        finally:
-            os.umask(old)
+    if not given:
+        make_key_pair(secret.parent, "client")
     try:
         public, private = zmq.auth.load_certificate(str(secret))
     except (OSError, ValueError) as exc:
@@ -48,6 +43,20 @@ def client_keys(path: str | None = None) -> tuple[bytes, bytes]:
     if private is None:
         raise SyscallError("EINVAL", f"{secret} holds no secret key (give the .key_secret file)")
     return public, private
+
+
+def make_key_pair(directory: Path, name: str) -> Path:
+    """``directory/name.key`` and ``name.key_secret`` (ZeroMQ certificate files, 0600 in a 0700
+    directory), made unless they exist; returns the secret one. The kernel's and clients' alike."""
+    secret = directory / f"{name}.key_secret"
+    if not secret.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        old = os.umask(0o077)
+        try:
+            zmq.auth.create_certificates(str(directory), name)
+        finally:
+            os.umask(old)
+    return secret
 
 
 def public_key_text(text_or_file: str) -> str:

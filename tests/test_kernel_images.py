@@ -28,15 +28,24 @@ def _upload(c, src: str, prefix: str) -> None:
         c.call("fs_put", path=f"{prefix}/{f.name}", data=f.read_bytes())
 
 
+def _reference(c, adapter_dir: str, spawn: dict) -> list[int]:
+    """Upload the adapter as adapters/mine and run ``spawn`` to its end: the uninterrupted tokens."""
+    _upload(c, adapter_dir, "adapters/mine")
+    return c.wait(c.spawn(**spawn))["token_ids"]
+
+
+def _sampled(seed: int, prompt: list[int]) -> dict:
+    return dict(prompt_ids=prompt, adapter="adapters/mine", max_tokens=NEW, temperature=0.9, seed=seed,
+                ignore_eos=True)
+
+
 def test_an_adapter_process_moves_through_the_file_store_token_for_token(tiny_models, adapter_of):
     base = tiny_models["llama"]
     (a, alice_a), (b, alice_b) = _kernel(base), _kernel(base)
-    spawn = dict(prompt_ids=prompt_of(7, 3), adapter="adapters/mine", max_tokens=NEW, temperature=0.9, seed=5,
-                 ignore_eos=True)
+    spawn = _sampled(5, prompt_of(7, 3))
     try:
         with alice_a as c:
-            _upload(c, adapter_of("llama", "A"), "adapters/mine")
-            whole = c.wait(c.spawn(**spawn))["token_ids"]
+            whole = _reference(c, adapter_of("llama", "A"), spawn)
             pid = c.spawn(**spawn)
             stream, part = c.read(pid), []
             while len(part) < 4:
@@ -78,12 +87,10 @@ def test_an_adapter_process_moves_through_the_file_store_token_for_token(tiny_mo
 def test_an_adapter_process_survives_a_kernel_sigkill(tiny_models, adapter_of):
     import signal
     k, alice = _kernel(tiny_models["llama"])
-    spawn = dict(prompt_ids=prompt_of(6, 9), adapter="adapters/mine", max_tokens=NEW, temperature=0.7, seed=11,
-                 ignore_eos=True)
+    spawn = _sampled(11, prompt_of(6, 9))
     try:
         with alice as c:
-            _upload(c, adapter_of("llama", "A"), "adapters/mine")
-            whole = c.wait(c.spawn(**spawn))["token_ids"]
+            whole = _reference(c, adapter_of("llama", "A"), spawn)
             pid = c.spawn(**spawn, stopped=True)
             k.stop(signal.SIGKILL)
             k.start()

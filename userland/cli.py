@@ -46,7 +46,7 @@ def _state_and_socket(argv: list[str]) -> tuple[Path, str]:
         return None
     state = Path(opt("--state-dir")).expanduser() if opt("--state-dir") else locate.state_dir()
     socket = opt("--socket") or os.environ.get("LLMOS_SOCKET") or locate.default_socket(state)
-    if socket.startswith("tcp://") and not socket.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:")):
+    if socket.startswith("tcp://") and not locate.is_loopback(socket):
         socket = locate.default_socket(state)      # served over CURVE; the local socket is the ipc one
     return state, socket
 

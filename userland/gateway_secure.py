@@ -12,11 +12,11 @@ import ssl
 import threading
 import time
 
+from llmos.syscalls import locate
 from llmos.syscalls.errors import SyscallError
 from llmos.userland.gateway_request import ApiError, bearer_token
 
 log = logging.getLogger("llmos.gateway")
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 METRICS_CAPS = ("admin", "metrics")
 CACHE_S = 5.0                        # how long a token's capabilities are trusted for /metrics
 _SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -103,7 +103,7 @@ def check_serving(host: str, cert: str | None, key: str | None, insecure: bool) 
         except (OSError, ssl.SSLError) as exc:
             return f"cannot use the TLS certificate {cert} with key {key}: {exc}"
         return None
-    if host not in LOOPBACK:
+    if host not in locate.LOOPBACK_HOSTS:
         if not insecure:
             return (f"refusing to serve plain HTTP on {host}: bearer tokens would cross the network in clear; "
                     f"give --tls-cert and --tls-key (or --insecure to do it anyway)")

@@ -58,6 +58,8 @@ def kernel(tiny_models, config_dir):
 
 def test_the_right_key_and_token_work_for_calls_streams_fork_and_services(kernel):
     assert kernel.key and len(kernel.key) == 40
+    for f in ("server.key", "server.key_secret"):
+        assert oct((kernel.state / "keys" / f).stat().st_mode & 0o777) == "0o600"
     with connect(kernel.tcp, kernel.token, server_key=kernel.key) as c:
         assert c.whoami()["user"] == "root"
         pid = c.spawn(prompt_ids=prompt_of(6), max_tokens=6, ignore_eos=True, stopped=True)

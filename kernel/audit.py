@@ -4,7 +4,7 @@ Events: ``auth_failed`` (a bad token), ``handshake_failed`` (a refused CURVE han
 ``key_refused`` (a client key not registered for the token's user), ``cap_refused``,
 ``user_add`` / ``user_token`` / ``user_set`` / ``user_key_add`` / ``user_key_rm``,
 ``signal_other`` (root signalling another user's process), ``model_load``, ``adapter_load``,
-``quota_refused``, ``service_restart``, ``service_attach``. Each line has ``time`` (Unix seconds), ``event``,
+``quota_refused``, ``service_restart``, ``service_attach``, ``users_sync``. Each line has ``time`` (Unix seconds), ``event``,
 ``user`` (a name, where one is known) and the event's own fields — never a token, a secret key
 or a prompt. The file is 0600 and rotated by size (the standard library's
 ``RotatingFileHandler``); root reads it with the ``audit`` syscall (``llmos audit``).

@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                         "processes get HUP (end and are reaped)")
     p.add_argument("--zombie-ttl", type=float, default=3600.0, metavar="SECONDS",
                    help="an ended process nobody waits for is reaped this long after it ended")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="Z85",
+                   help="a CURVE client key that checks users' registered keys itself (a cluster's front, "
+                        "llmos cluster): its connections may speak for any user whose token they carry")
     p.add_argument("--foreground", action="store_true", help="accepted for symmetry; this module always runs in the foreground")
     a = p.parse_args(argv)
     state = Path(a.state_dir).expanduser() if a.state_dir else locate.state_dir()
@@ -105,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
         service_call_timeout=a.service_call_timeout, delegates=list(a.delegate),
         journal=not a.no_journal, journal_interval=max(0.0, a.journal_interval),
         session_timeout=max(0.5, a.session_timeout), zombie_ttl=max(0.0, a.zombie_ttl),
+        trusted_keys=list(a.trusted_key),
         services=[] if a.no_services else (a.service if a.service is not None else list(DEFAULT_SERVICES)))
 
 

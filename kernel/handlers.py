@@ -10,13 +10,15 @@ from typing import Any, Callable
 
 from llmos.kernel import images, sysaudit, sysinfo, sysmm, sysmodel, sysproc, syssvc, systenancy, userfs
 from llmos.kernel.procio import PENDING_REPLY
-from llmos.syscalls.table import BY_NAME, SYSCALLS
+from llmos.syscalls.errors import SyscallError
+from llmos.syscalls.table import BY_NAME, CLUSTER, SYSCALLS
 
 _BY_NAME: dict[str, Callable] = {
     "nop": sysinfo.sys_nop,
     "bye": sysinfo.sys_bye,
     "user_key": sysaudit.sys_user_key,
     "audit": sysaudit.sys_audit,
+    "users_sync": sysaudit.sys_users_sync,
     "svc_attach": syssvc.sys_svc_attach,
     "uname": sysinfo.sys_uname,
     "whoami": sysinfo.sys_whoami,
@@ -67,6 +69,8 @@ assert not _missing, f"kernel-served syscalls without a handler: {_missing}"
 
 def dispatch(kernel, call) -> Any:
     """Run a kernel call's handler, or forward a service's call to that service."""
+    if call.sc.served_by == CLUSTER:
+        raise SyscallError("ENOTSUP", f"{call.sc.name}: this is a kernel, not a cluster's front (llmos cluster up)")
     if call.sc.served_by != "kernel":
         kernel.services.forward(call)
         return PENDING_REPLY

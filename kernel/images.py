@@ -115,7 +115,7 @@ def _with_adapter(k, call, image: dict):
 def restore_image(k, call, image: dict, adapter: tuple[str, str] | None = None) -> int:
     """A new process of the caller's from ``image``, with ``adapter`` (its local directory, the
     caller's name for it) where the image has one; EINVAL naming what is wrong or differs."""
-    user, ps = call.user, k.procs
+    user, ps = _owner(k, call), k.procs
     if image.get("format") != FORMAT:
         raise SyscallError("EINVAL", f"not a process image (format {image.get('format')!r}, expected {FORMAT!r})")
     try:
@@ -149,13 +149,24 @@ def restore_image(k, call, image: dict, adapter: tuple[str, str] | None = None) 
         directory = objects.check_adapter(entry, user, given, {"adapter": directory})["adapter"]
         record = entry.adapter_records.get(directory)
         adapter, label = directory, record.label if record else None
-    f.update(uid=user.uid, ppid=0, adapter=adapter, adapter_label=label, session=call.session, ended_at=None,
-             hup=bool(f.get("hup")))
+    session = call.session if call.args["uid"] is None else f.get("session")
+    f.update(uid=user.uid, ppid=0, adapter=adapter, adapter_label=label, ended_at=None, hup=bool(f.get("hup")),
+             session=session if isinstance(session, str) else None)
     try:
         proc = restore.bring_back(ps, entry, k.table.new_pid(), f, ids)
     except (KeyError, TypeError, ValueError) as exc:
         raise SyscallError("EINVAL", f"malformed process image: {type(exc).__name__}: {exc}"[:300])
     return proc.pid
+
+
+def _owner(k, call):
+    """Whose the restored process is: the caller's, or (root, ``uid``) the migrated process's owner's."""
+    uid = call.args["uid"]
+    if uid is None:
+        return call.user
+    if not call.user.is_root:
+        raise SyscallError("EPERM", "restore(uid=...) is root's (a cluster's front moving a process)")
+    return k.users.by_uid(uid)
 
 
 def _check(f: dict, ids: list, vocab: int) -> None:

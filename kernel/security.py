@@ -151,12 +151,32 @@ class UserDB:
                 return u.name
         return str(uid)
 
+    def export(self) -> dict:
+        """The whole table as saved (token hashes, not tokens): what ``users_sync`` copies to
+        the other kernels of a cluster."""
+        return json.loads(self.path.read_text())
+
+    def replace(self, data: dict) -> None:
+        """Take ``data`` (an ``export``) as the whole table, saved; ``EINVAL`` if malformed."""
+        fresh = UserDB.__new__(UserDB)
+        fresh.path, fresh.users, fresh.next_uid = self.path, {}, 1000
+        try:
+            fresh._read(data)
+            assert fresh.users["root"].uid == ROOT_UID
+        except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
+            raise SyscallError("EINVAL", f"not a user table ({type(exc).__name__}: {exc})"[:200])
+        self.users, self.next_uid = fresh.users, fresh.next_uid
+        self._save()
+
     def _load(self) -> None:
-        data = json.loads(self.path.read_text())
-        self.next_uid = data.get("next_uid", 1000)
+        self._read(json.loads(self.path.read_text()))
+
+    def _read(self, data: dict) -> None:
+        self.next_uid = int(data.get("next_uid", 1000))
         for name, u in data["users"].items():
-            self.users[name] = User(name, u["uid"], frozenset(u["caps"]), list(u["token_hashes"]),
-                                    float(u.get("share", 1.0)), list(u.get("keys", [])))
+            self.users[str(name)] = User(str(name), int(u["uid"]), frozenset(map(str, u["caps"])),
+                                         list(map(str, u["token_hashes"])), float(u.get("share", 1.0)),
+                                         list(map(str, u.get("keys", []))))
         self._index()
 
     def _save(self) -> None:

@@ -1,7 +1,9 @@
-"""Security syscalls: client keys of users (``user_key``) and the audit trail (``audit``)."""
+"""Security syscalls: client keys of users (``user_key``), the audit trail (``audit``) and the
+user table a cluster shares (``users_sync``)."""
 from __future__ import annotations
 
 from llmos.kernel import audit
+from llmos.syscalls.errors import SyscallError
 
 
 def sys_user_key(k, call):
@@ -15,3 +17,15 @@ def sys_user_key(k, call):
 def sys_audit(k, call):
     a = call.args
     return audit.read(a["since"], a["user"], a["event"], a["limit"])
+
+
+def sys_users_sync(k, call):
+    """Root only: the table, or (``table``) this kernel's replaced by a cluster head's."""
+    if not call.user.is_root:
+        raise SyscallError("EPERM", "users_sync is root's (a cluster's front)")
+    table = call.args["table"]
+    if table is None:
+        return k.users.export()
+    k.users.replace(table)
+    audit.event("users_sync", user=call.user.name, users=len(k.users.users))
+    return {"users": len(k.users.users)}

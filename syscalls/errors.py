@@ -31,6 +31,8 @@ ERRNOS: dict[str, tuple[int, str]] = {
     "ETIMEDOUT": (_errno.ETIMEDOUT, "no reply in time"),
     "EDQUOT": (_errno.EDQUOT, "storage quota exceeded"),
     "ECANCELED": (_errno.ECANCELED, "operation cancelled"),
+    "ENOTSUP": (_errno.ENOTSUP, "not supported here (e.g. a cluster call made to a plain kernel)"),
+    "EHOSTDOWN": (_errno.EHOSTDOWN, "the kernel that held the process is gone and it could not be restored"),
 }
 
 

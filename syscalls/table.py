@@ -19,6 +19,7 @@ CAPABILITIES = ("proc", "mm", "fs", "kg", "tune", "prio", "host", "admin", "metr
 # host: may name host paths and hub ids (models, adapters), pin models, unload others' models
 HOST_CAP = "host"
 SERVICE_CAP = "svc"          # held only by a running service's own token, never by a user
+CLUSTER = "cluster"          # served_by: calls only a cluster's front answers (``llmos.cluster``)
 TYPES = ("int", "float", "str", "bool", "bytes", "list", "map", "any")
 _PY_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
@@ -337,7 +338,9 @@ SYSCALLS: tuple[Syscall, ...] = (
                                                            "with you); default: yours"),
                             Arg("adapter", "str", max_len=4096,
                                 doc="the adapter to use, where the image has one (default: the image's name "
-                                    "for it, e.g. adapters/x in your file store); it must hash the same")),
+                                    "for it, e.g. adapters/x in your file store); it must hash the same"),
+                            Arg("uid", "int", min=0, doc="root only (a cluster's front migrating a process): "
+                                                         "the new process is this user's, in the image's session")),
             cap="proc", journaled=True,
             doc="A new process of yours from a checkpoint image, in the state it was checkpointed in (STOPPED "
                 "stays STOPPED); it continues exactly as the original would have. EINVAL names what is wrong: "
@@ -363,6 +366,27 @@ SYSCALLS: tuple[Syscall, ...] = (
                           Arg("limit", "int", default=1000, min=1, max=100_000)),
             cap="admin", doc="The audit trail: security-relevant events, newest last (docs/abi.md, Audit).",
             returns="[{time, event, user, ...}]"),
+    Syscall(44, "users_sync", (Arg("table", "map", max_len=4, doc="a table users_sync returned: replace "
+                                                                   "this kernel's with it"),),
+            cap="admin", doc="(root; a cluster's front) The user table with token hashes (never tokens), or, "
+                             "with table, replace this kernel's with it: how every kernel of a cluster shares "
+                             "the head's users.",
+            returns="{next_uid, users:{name:{uid, caps, token_hashes, share, keys}}}"),
+    Syscall(45, "cluster", served_by=CLUSTER, doc="(a cluster's front) Nodes, kernels (state, node, model, load, "
+                                                  "processes) and placement counters; a kernel answers ENOTSUP.",
+            returns="{nodes:[{node, address, alive, resources}], kernels:[{kernel, node, state, boot_id, "
+                    "models, procs, load, restarts}], placement:{...}}"),
+    Syscall(46, "cluster_drain", (Arg("kernel", "int", min=0, doc="the kernel to drain"),
+                                  Arg("node", "str", max_len=128, doc="instead: every kernel on this node "
+                                                                      "(id or address)")),
+            cap="admin", served_by=CLUSTER, blocking=True,
+            doc="Move the kernel's live processes to the others by checkpoint/restore (each continues "
+                "exactly; its pid stays), keep its ended ones' results at the front, then stop it.",
+            returns="{kernels:[id], moved:[pid], failed:[{pid, error}]}"),
+    Syscall(47, "cluster_add", (Arg("n", "int", default=1, min=1, max=64, doc="kernels to start"),),
+            cap="admin", served_by=CLUSTER, blocking=True,
+            doc="Start n more kernels (Ray places them where resources are free) with the cluster's options.",
+            returns="{kernels:[id]}"),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -3,6 +3,7 @@
     llmos                               the interactive shell (also: llmos shell)
     llmos kernel start [--foreground | --no-supervise] [--socket S] [--state-dir D] [kernel options]
     llmos kernel stop [--drain | --discard] | status | key     (key: the public key remote clients need)
+    llmos cluster up [--kernels N | --per-gpu] [--address A] [kernel options] | status | drain K | add [N] | down
     llmos user add NAME [--caps proc,mm,...] | token NAME | key add|rm NAME FILE | list
     llmos remote add NAME tcp://HOST:PORT --server-key KEY --token-file F | list | rm NAME
     llmos --remote NAME COMMAND ...     (any command, the shell too, against a saved remote kernel)
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         sub = rest[0] if rest else "status"
         return {"start": kernel_start, "stop": kernel_stop, "status": kernel_status, "key": kernel_key}.get(
             sub, lambda a: _usage(f"unknown: kernel {sub}"))(rest[1:])
+    if cmd == "cluster":
+        from llmos.userland.cli_cluster import main as cluster
+        return cluster(rest)
     if cmd == "demo":
         from llmos.userland.demo import main as demo
         return demo(rest)

@@ -1,0 +1,5 @@
+import sys
+
+from llmos.cluster.serve import main
+
+sys.exit(main())

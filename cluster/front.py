@@ -38,7 +38,6 @@ from llmos.cluster.members import Member, MemberState
 from llmos.cluster.pids import PidTable, translate
 from llmos.cluster.placement import Candidate, Policy, PrefixIndex, choose, prompt_key
 from llmos.kernel import curve
-from llmos.kernel.io import IOThread
 from llmos.kernel.security import UserDB
 from llmos.kernel.userfs import is_store_path
 from llmos.syscalls import abi
@@ -103,6 +102,7 @@ class Front:
         self.public, self.secret = zmq.auth.load_certificate(str(make_key_pair(cfg.state_dir / "keys", "front")))
         self.node_id = ""                                      # Ray's id of the node the front runs on
         self.last_tick, self.stop_all = 0.0, None
+        self.poller, self.polled = None, None                  # serve.pump's, rebuilt when sockets change
         self.members: dict[int, Member] = {}
         self.pids, self.index, self.policy = PidTable(), PrefixIndex(), cfg.policy
         self.pending: dict[int, Pending] = {}
@@ -114,7 +114,7 @@ class Front:
         self.token: str | None = None                          # root's, from the head
         self.users_ready = False                               # the head's users are copied here
         self.running, self.ready, self.turn = True, False, 0
-        self.io: IOThread | None = None
+        self.io = None                                         # FrontIO, once booted
         self.free_slots: list = []                             # bundles drained kernels left
         self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
 
@@ -242,6 +242,8 @@ class Front:
             fwd.num_text += len(result.get("text") or "")
         elif fwd.name == "wait":
             self.pids.drop(fwd.gpid)
+            m = self.members[kernel]
+            m.load = max(0, m.load - 1)           # until the next poll says how many live there
         elif fwd.name == "fork" and isinstance(result, list):
             for child in result:
                 self.pids.where[child].uid = fwd.user.uid
@@ -259,13 +261,13 @@ class Front:
         model = a.get("model") if fwd.name == "spawn" else (image.get("model") or {}).get("name")
         model = model if isinstance(model, str) else ""
         adapter = a.get("adapter") if fwd.name == "spawn" else (image.get("adapter") or {}).get("name")
-        needs_head = bool(a.get("kg")) or a.get("path") is not None or (
-            isinstance(adapter, str) and is_store_path(adapter))
+        needs_head = a.get("path") is not None or (isinstance(adapter, str) and is_store_path(adapter))
         kernel, why = self.place(a.get("node"), key, model, needs_head)
         args = {k: v for k, v in a.items() if k != "node"}
         self.members[kernel].load += 1
+        self.index.insert(kernel, key, model)     # now: the next spawn with this prefix follows it
         self.note_session(fwd, kernel)
-        self.ask(kernel, fwd.name, args, lambda env: self.on_spawned(fwd, kernel, key, model, why, env),
+        self.ask(kernel, fwd.name, args, lambda env: self.on_spawned(fwd, kernel, why, env),
                  token=fwd.req.token, session=fwd.req.session)
 
     def place(self, node: Any, key, model: str, needs_head: bool = False,
@@ -288,11 +290,10 @@ class Front:
         kernel, why = choose(cands, self.index, key, model, self.policy, self.turn)
         return kernel, {**why, "kernel": kernel, "node": self.members[kernel].node}
 
-    def on_spawned(self, fwd: Forward, kernel: int, key, model: str, why: dict, env: dict) -> None:
+    def on_spawned(self, fwd: Forward, kernel: int, why: dict, env: dict) -> None:
         if not env.get("ok"):
             return self.pass_on(fwd, env)
         gpid = self.pids.add(kernel, env["result"], fwd.user.uid, why)
-        self.index.insert(kernel, key, model)
         self.count(f"placed_{why['reason']}")
         self.answer(fwd, gpid)
 

@@ -110,7 +110,7 @@ def poll(front, m: Member, now: float) -> None:
 def join(front, m: Member, info: dict) -> None:
     m.info, m.boot_id = info, None
     m.state = MemberState.JOINING
-    m.connect(front.ctx, front.public, front.secret, front.node_id)
+    m.connect(front.ctx, front.public, front.secret)
     m.watch_ref = m.actor.watch.remote()
     front.index.forget(m.kernel)
     if m.kernel == HEAD:
@@ -125,14 +125,23 @@ def join(front, m: Member, info: dict) -> None:
             reconcile(front, m)
         return front.ask(HEAD, "users_sync", {}, on_table)
 
+    join_args = {"table": front.users.export(), "upstream": upstream_of(front, m)}
+
     def on_synced(env, retried=False):
         if not env.get("ok") and not retried:     # first boot: only its own root token works
-            return front.ask(m.kernel, "users_sync", {"table": front.users.export()},
-                             lambda e: on_synced(e, True), token=info["token"])
+            return front.ask(m.kernel, "users_sync", join_args, lambda e: on_synced(e, True), token=info["token"])
         if not env.get("ok"):
             return on_gone(front, m, f"kernel {m.kernel} refused the cluster's users: {env.get('error')}")
         reconcile(front, m)
-    front.ask(m.kernel, "users_sync", {"table": front.users.export()}, on_synced)
+    front.ask(m.kernel, "users_sync", join_args, on_synced)
+
+
+def upstream_of(front, m: Member) -> dict:
+    """Where kernel ``m`` reaches the head's services: its ipc socket on the same node, else CURVE."""
+    head = front.members[HEAD].info
+    same = head.get("node") == m.info.get("node")
+    return {"endpoint": head["socket"] if same else head["listen"], "server_key": head["server_key"],
+            "token": front.token}
 
 
 def reconcile(front, m: Member) -> None:

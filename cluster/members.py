@@ -3,18 +3,16 @@
 A member is JOINING until its actor has booted and the front has given it the cluster's users,
 UP while it takes calls, DOWN from its death (Ray's ``watch`` call failed or returned) until Ray
 has restarted it, DRAINING while its processes move away, and GONE for good. The front speaks
-to it over its local ipc socket when the kernel runs on the front's own node, else over CURVE
-TCP with the front's client key (which the kernel trusts to check users' keys).
+to it over CURVE TCP with the front's client key (which the kernel trusts to check users' keys).
 """
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
 
 import zmq
 
-from llmos.syscalls import abi, locate
+from llmos.syscalls import abi
 
 
 class MemberState(enum.Enum):
@@ -36,7 +34,7 @@ class Member:
     info_ref: object = None                # Ray: answers once the actor (re)booted
     boot_id: str | None = None
     restarts: int = 0
-    load: int = 0                          # live processes at the last poll, plus spawns placed since
+    load: int = 0                          # live processes at the last poll, plus spawns placed and less waits answered since
     models: dict = field(default_factory=dict)    # model name -> where (device | host | disk)
     stats: dict = field(default_factory=dict)     # the last stat reply
     polling: bool = False
@@ -53,7 +51,7 @@ class Member:
     def takes_spawns(self) -> bool:
         return self.state is MemberState.UP
 
-    def connect(self, ctx: zmq.Context, front_public: bytes, front_secret: bytes, my_node: str) -> None:
+    def connect(self, ctx: zmq.Context, front_public: bytes, front_secret: bytes) -> None:
         """A fresh DEALER to the kernel (replies to an older one are never confused with it)."""
         self.close()
         s = ctx.socket(zmq.DEALER)
@@ -61,13 +59,11 @@ class Member:
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
         s.setsockopt(zmq.MAXMSGSIZE, -1)
-        local = self.info["socket"]
-        if self.info.get("node") == my_node and os.path.exists(locate.ipc_path(local)):
-            s.connect(local)
-        else:
-            s.curve_serverkey = self.info["server_key"].encode()
-            s.curve_publickey, s.curve_secretkey = front_public, front_secret
-            s.connect(self.info["listen"])
+        # CURVE even on the same node: the kernel's loop reads that socket itself, while its local
+        # one sits behind a proxy thread, one hand-off more per call (bench/cluster.py, (b)).
+        s.curve_serverkey = self.info["server_key"].encode()
+        s.curve_publickey, s.curve_secretkey = front_public, front_secret
+        s.connect(self.info["listen"])
         self.sock = s
 
     def send(self, fid: int, call: str, args: dict, token: str | None, session: str | None = None) -> None:

@@ -2,7 +2,8 @@
 
 In order: a pinned kernel (``spawn(node=…)``); else among the kernels that take new processes,
 those with the model already on the device; among them the one whose cache most likely holds
-the longest prefix of the prompt; ties (and no prefix) go to the least loaded. A balance
+the longest prefix of the prompt (ties: the least loaded); with no prefix cached anywhere, the
+one whose cache holds least, then the least loaded. A balance
 threshold keeps one hot prefix from piling every process on one kernel: when the most loaded
 candidate has more than ``balance_abs`` processes above the least loaded and more than
 ``balance_rel`` times its load, the least loaded wins outright (SGLang's router does the same).
@@ -68,6 +69,9 @@ class PrefixIndex:
             n += CHUNK
         return n
 
+    def size(self, kernel: int) -> int:
+        return len(self.kernels.get(kernel, ()))
+
     def forget(self, kernel: int) -> None:
         self.kernels.pop(kernel, None)
 
@@ -104,7 +108,10 @@ def choose(cands: list[Candidate], index: PrefixIndex, key, model: str, policy: 
         return least.kernel, {"reason": "balance", "load": least.load, "prefix_elsewhere": matched}
     if matched:
         return best.kernel, {"reason": "prefix", "prefix": matched, "load": best.load}
-    reason = "model resident" if best.resident and len(resident) < len(cands) else "least loaded"
+    # Nothing cached anywhere: the kernel whose cache holds least (SGLang's choice), so new
+    # prefixes spread and each kernel's cache keeps its own share of them; then the least loaded.
+    best = min(resident, key=lambda c: (index.size(c.kernel), c.load, c.kernel))
+    reason = "model resident" if best.resident and len(resident) < len(cands) else "smallest cache"
     return best.kernel, {"reason": reason, "load": best.load}
 
 

@@ -59,22 +59,22 @@ def parse_args(argv: list[str] | None = None) -> FrontConfig:
 
 def pump(front: Front, timeout_ms: int = 50) -> None:
     """One turn: client frames, kernels' replies, and (every ``TICK``) Ray's news."""
-    poller = zmq.Poller()
-    if front.io is not None:
-        for s in front.io.sockets:
-            poller.register(s, zmq.POLLIN)
     members = [m for m in front.members.values() if m.sock is not None]
-    for m in members:
-        poller.register(m.sock, zmq.POLLIN)
-    events = dict(poller.poll(timeout_ms))
+    socks = (front.io.sockets + front.io.monitors if front.io else []) + [m.sock for m in members]
+    if socks != front.polled:                    # the poller changes only when the sockets do
+        front.poller, front.polled = zmq.Poller(), socks
+        for s in socks:
+            front.poller.register(s, zmq.POLLIN)
+    events = dict(front.poller.poll(timeout_ms))
     if front.io is not None:
-        for _ in range(1024):
-            try:
-                frames = front.io.channel.recv_multipart()
-            except zmq.Again:
-                break
-            front.on_request(frames[0], frames[1:])
-        for mon in front.io.sockets[1::2]:
+        if any(s in events for s in front.io.sockets):
+            for _ in range(1024):
+                try:
+                    frames = front.io.channel.recv_multipart()
+                except zmq.Again:
+                    break
+                front.on_request(frames[0], frames[1:])
+        for mon in front.io.monitors:
             while mon in events and mon.poll(0):
                 mon.recv_multipart()
     for m in members:
@@ -104,10 +104,8 @@ def run(front: Front) -> None:
         pump(front)
     if front.members.get(0) is None or front.members[0].state is not MemberState.UP:
         raise SystemExit("llmos: the head kernel (0) did not come up")
-    from llmos.kernel.io import IOThread
-    front.io = IOThread(front.cfg.socket, front.cfg.max_frame, front.ctx, curve=front.cfg.listen,
-                        state=front.cfg.state_dir)
-    front.io.start()
+    from llmos.cluster.frontio import FrontIO
+    front.io = FrontIO(front.ctx, front.cfg.socket, front.cfg.max_frame, front.cfg.listen, front.cfg.state_dir)
     extra = f" and {front.cfg.listen} (CURVE)" if front.cfg.listen else ""
     print(f"{READY} (pid {os.getpid()}) on {front.cfg.socket}{extra}: {len(front.members)} kernels", flush=True)
     try:

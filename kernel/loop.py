@@ -223,6 +223,8 @@ class Kernel:
             except zmq.Again:
                 break
             backlog += self.accept(identity, frames)
+        if self.services.upstream is not None:
+            self.services.upstream.drain()
         self.serve_queued(self.cfg.max_drain)
         self.procs.expire_waiters()
         self.sessions.tick(self.procs)

@@ -85,6 +85,7 @@ class ServiceManager:
         self.routes: dict[str, ServiceProc] = {}          # call name -> the service serving it
         self.pending: dict[int, Pending] = {}             # forwarded call id -> where the reply goes
         self.next_kid = 1
+        self.upstream = None                              # a cluster kernel's head (``kernel/upstream.py``)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, name: str) -> ServiceProc:
@@ -245,6 +246,8 @@ class ServiceManager:
         """The kernel's own call to a service on behalf of ``user`` (e.g. facts for a spawn);
         ``on_reply(ok, result | SyscallError)`` runs on the loop when the answer comes."""
         sc = self.lookup(name)
+        if sc is None and self.upstream is not None:      # a cluster kernel: the head runs it
+            return self.upstream.ask(name, args, user, on_reply)
         self._send(name, check_args(sc, args) if sc else args, user, Pending(None, None, "", on_reply))
 
     def _send(self, name: str, args: dict, user: User, pending: Pending) -> None:

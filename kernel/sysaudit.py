@@ -2,6 +2,8 @@
 user table a cluster shares (``users_sync``)."""
 from __future__ import annotations
 
+import zmq
+
 from llmos.kernel import audit
 from llmos.syscalls.errors import SyscallError
 
@@ -23,9 +25,22 @@ def sys_users_sync(k, call):
     """Root only: the table, or (``table``) this kernel's replaced by a cluster head's."""
     if not call.user.is_root:
         raise SyscallError("EPERM", "users_sync is root's (a cluster's front)")
-    table = call.args["table"]
+    table, upstream = call.args["table"], call.args["upstream"]
+    if upstream is not None:
+        join_upstream(k, upstream)
     if table is None:
         return k.users.export()
     k.users.replace(table)
     audit.event("users_sync", user=call.user.name, users=len(k.users.users))
     return {"users": len(k.users.users)}
+
+
+def join_upstream(k, where: dict) -> None:
+    """From now on, the services this kernel does not run are the head's (``kernel/upstream.py``)."""
+    from llmos.kernel.upstream import Upstream
+    fresh = Upstream(k.io.ctx, where, k.cfg.state_dir / "keys")
+    old, k.services.upstream = k.services.upstream, fresh
+    if old is not None:
+        k.poller.unregister(old.sock)
+        old.close()
+    k.poller.register(fresh.sock, zmq.POLLIN)

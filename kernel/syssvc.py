@@ -6,7 +6,7 @@ import importlib.metadata
 from llmos.kernel import audit
 from llmos.kernel.procio import PENDING_REPLY
 from llmos.syscalls.errors import SyscallError
-from llmos.syscalls.table import check_args
+from llmos.syscalls.table import SERVICE_CAP, check_args
 
 BUILTIN_SERVICES: tuple[str, ...] = ("fs", "kg", "tuner")   # = llmos.services.run.BUILTIN (a test checks)
 
@@ -41,8 +41,10 @@ def sys_svc_reply(k, call):
 
 def sys_svc_call(k, call):
     """A service calls another service's call as one of our users (checked as if they made it)."""
-    svc = _caller_service(k, call)
-    if svc.name not in BUILTIN_SERVICES and svc.name not in k.cfg.delegates:
+    if not call.user.is_root and SERVICE_CAP not in call.user.caps:
+        raise SyscallError("EPERM", "svc_call is for services (and root: a cluster kernel's upstream)")
+    svc = None if call.user.is_root else _caller_service(k, call)
+    if svc is not None and svc.name not in BUILTIN_SERVICES and svc.name not in k.cfg.delegates:
         raise SyscallError("EPERM", f"service {svc.name} may not act for users (the kernel's --delegate "
                                     f"option allows a plug-in to)")
     name, uid = call.args["call"], call.args["uid"]

@@ -277,9 +277,9 @@ SYSCALLS: tuple[Syscall, ...] = (
             returns="nothing"),
     Syscall(29, "svc_call", (Arg("call", "str", required=True, max_len=64),
                              Arg("args", "map", max_len=256), Arg("uid", "int", required=True, min=0)),
-            cap=SERVICE_CAP,
-            doc="(services only) Make another service's call on behalf of user uid (e.g. the tuner reading a "
-                "dataset from fs): checked against that user's capabilities; streamed calls stream.",
+            doc="(services, and root: a cluster kernel's upstream) Make a service's call on behalf of user uid "
+                "(e.g. the tuner reading a dataset from fs): checked against that user's capabilities; streamed "
+                "calls stream.",
             returns="the call's own reply"),
     Syscall(30, "mm_lease", (Arg("bytes", "int", required=True, min=1, max=1 << 50),
                              Arg("priority", "int", default=0, min=-20, max=19,
@@ -367,7 +367,9 @@ SYSCALLS: tuple[Syscall, ...] = (
             cap="admin", doc="The audit trail: security-relevant events, newest last (docs/abi.md, Audit).",
             returns="[{time, event, user, ...}]"),
     Syscall(44, "users_sync", (Arg("table", "map", max_len=4, doc="a table users_sync returned: replace "
-                                                                   "this kernel's with it"),),
+                                                                   "this kernel's with it"),
+                               Arg("upstream", "map", max_len=4, doc="{endpoint, server_key, token}: the head "
+                                   "kernel whose services this one uses for its own service calls (as svc_call)")),
             cap="admin", doc="(root; a cluster's front) The user table with token hashes (never tokens), or, "
                              "with table, replace this kernel's with it: how every kernel of a cluster shares "
                              "the head's users.",

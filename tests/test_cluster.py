@@ -111,6 +111,29 @@ def test_users_added_at_the_front_work_on_every_kernel(cluster, root):
     root.wait(mine)
 
 
+def test_every_kernel_reaches_the_heads_services(root):
+    """Facts from the graph, feedback into the file store, images in it: from a process on a
+    kernel that runs no services (its service calls go to the head's, as the caller)."""
+    k = worker(root)
+    root.call("kg_add", triples=[["Ada", "works_at", "Acme"]])
+    pid = root.spawn(prompt="Where does Ada work?", max_tokens=4, kg=True, node=str(k))
+    info = root.pinfo(pid)
+    assert info["kernel"] == k and any("Acme" in f for f in info["kg_facts"])
+    root.wait(pid)
+    rated = root.spawn(prompt="Rate me", max_tokens=4, interactive=True, node=str(k))
+    wait_for(lambda: root.pinfo(rated)["state"] != "RUNNING" and root.pinfo(rated)["tokens_out"] == 4)
+    assert root.feedback(rated, rating=1, correction="better")["records"] >= 1
+    records = root.call("fs_get", path="feedback.jsonl")
+    assert '"correction": "better"' in (records.decode() if isinstance(records, bytes) else records)
+    saved = root.checkpoint(rated, path="images/rated")
+    assert saved["pid"] == rated and saved["size"] > 0
+    back = root.restore(path="images/rated")
+    assert root.pinfo(back)["placement"]["reason"] == "services (head kernel)"
+    for p in (rated, back):
+        root.kill(p, sig="KILL")
+        root.wait(p)
+
+
 def test_spawns_sharing_a_prefix_go_where_it_is_cached(root):
     system = "You are a careful assistant who answers in one short sentence. " * 3
     first = root.spawn(prompt=system + "Question one?", max_tokens=2)

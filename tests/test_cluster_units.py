@@ -36,9 +36,12 @@ def test_the_prefix_index_is_bounded():
     assert len(index.kernels[0]) == 10
 
 
-def test_no_prefix_means_the_least_loaded_and_resident_models_come_first():
+def test_a_new_prefix_goes_to_the_smallest_cache_then_the_least_loaded():
     index = PrefixIndex()
     assert choose(cands(5, 2, 9), index, "fresh", "m", Policy())[0] == 1
+    index.insert(1, SYSTEM, "m")
+    kernel, why = choose(cands(5, 2, 5), index, "something else entirely", "m", Policy())
+    assert kernel == 0 and why["reason"] == "smallest cache"
     kernel, why = choose(cands(0, 4, 6, resident={2}), index, "fresh", "m", Policy())
     assert kernel == 2 and why["reason"] == "model resident"
 

@@ -176,6 +176,12 @@ def _stop_head(info: dict) -> None:
     deadline = time.monotonic() + 60
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+    current = Path("/tmp/ray/ray_current_cluster")     # what address="auto" would find: not ours any more
+    try:
+        if current.read_text().strip().endswith(info.get("address", "").rpartition(":")[2]):
+            current.unlink()
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -166,12 +166,19 @@ def test_bad_input_through_the_front_gets_clear_errors(cluster, root):
 
 
 def test_example_programs_and_the_gateway_run_unchanged(cluster, root, monkeypatch, capsys):
-    from llmos.userland.programs import parallel_sampling
+    from llmos.userland.programs import feedback_tune, parallel_sampling, sentiment_monitor, support_bot
     token = root.user_add(name="prog")["token"]
+    wait_for(lambda: {s["name"] for s in root.svc_list() if s["state"] == "up"} >= {"fs", "kg", "tuner"}, timeout=120)
     monkeypatch.setenv("LLMOS_SOCKET", cluster.socket)
     monkeypatch.setenv("LLMOS_TOKEN", token)
     assert parallel_sampling.main(["-n", "4", "--seed", "3", "--max-tokens", "8"]) == 0
     assert "4 distinct samples of 4" in capsys.readouterr().out
+    assert support_bot.main(["--seed", "How much does the Nimbus X2 cost?"]) == 0
+    assert "- Nimbus X2 costs $999." in capsys.readouterr().out
+    assert sentiment_monitor.main(["--reviews", "8", "--max-tokens", "8"]) == 0
+    assert "finished before the chat's first token" in capsys.readouterr().out
+    assert feedback_tune.main(["--name", "fb-cluster"]) == 0     # feedback, a tuner job, its adapter
+    assert "4 of 4 tuned answers equal their corrections" in capsys.readouterr().out
     import socket as _socket
     import uvicorn
     from llmos.userland.gateway import make_app

@@ -3,7 +3,7 @@
     python bench/cluster.py [--users 16] [--calls 2000]
 
 (a) A shared-prefix workload, 8 system prompts x ``users`` questions in a seeded random order,
-    8 clients at a time, on 2 kernels whose KV pools hold about half of the system prompts each,
+    8 clients at a time, on 3 kernels whose KV pools hold about a third of the system prompts each,
     under each placement policy (prefix-aware, round-robin, least-loaded): prefix-cache hit rate
     (cached prompt tokens / prompt tokens) and output tokens/s. Target: prefix >= 2x round-robin.
 (b) The front's added latency on a null call (``nop``): through the front vs straight to the
@@ -29,6 +29,7 @@ from cluster_proc import ClusterProc  # noqa: E402  (from tests/, on the path vi
 
 BASE = ("--device", "cpu", "--dtype", "float32", "--journal-interval", "0.05")
 SYSTEM_LEN, QUESTION_LEN, BLOCK = 192, 16, 16
+KERNELS = 3                  # for (a): with K kernels the best prefix-aware gain is about K x
 
 
 def shared_prefix_run(policy: str, users: int, vocab: int) -> dict:
@@ -36,9 +37,10 @@ def shared_prefix_run(policy: str, users: int, vocab: int) -> dict:
     systems = [[rng.randrange(10, vocab - 1) for _ in range(SYSTEM_LEN)] for _ in range(8)]
     work = [(s, [rng.randrange(10, vocab - 1) for _ in range(QUESTION_LEN)]) for s in range(8) for _ in range(users)]
     rng.shuffle(work)
-    # 64 blocks: 4 system prompts (48 blocks) and 4 running questions (8) fit; all 8 (96) do not.
-    cl = ClusterProc(*BASE, "--kv-blocks", "64", "--block-size", str(BLOCK), "--max-num-seqs", "4",
-                     "--placement", policy, kernels=2).start()
+    # 48 blocks a kernel: 3 system prompts (36 blocks) and 4 running questions (8) fit, all 8 (96)
+    # do not: placed by prefix, each kernel holds its third of them; spread, each thrashes.
+    cl = ClusterProc(*BASE, "--kv-blocks", "48", "--block-size", str(BLOCK), "--max-num-seqs", "4",
+                     "--placement", policy, kernels=KERNELS).start()
     try:
         def one(job):
             s, q = job
@@ -118,7 +120,8 @@ def main() -> int:
 
 
 def shared_prefix(a, vocab: int) -> None:
-    print(f"(a) shared prefix: 8 system prompts x {a.users} users, {SYSTEM_LEN}+{QUESTION_LEN} tokens, 2 kernels")
+    print(f"(a) shared prefix: 8 system prompts x {a.users} users, {SYSTEM_LEN}+{QUESTION_LEN} tokens, "
+          f"{KERNELS} kernels of 48 KV blocks")
     runs = {p: shared_prefix_run(p, a.users, vocab) for p in ("prefix", "round-robin", "least-loaded")}
     for p, r in runs.items():
         print(f"    {p:13s} hit rate {r['hit_rate']:6.1%}   {r['tok_s']:7.1f} tok/s   placed {r['placed']}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,19 +102,20 @@ class Front:
         self.users = UserDB(cfg.state_dir / "front" / "users.json")     # the head's table, copied
         self.public, self.secret = zmq.auth.load_certificate(str(make_key_pair(cfg.state_dir / "keys", "front")))
         self.node_id = ""                                      # Ray's id of the node the front runs on
-        self.last_tick, self.stop_all = 0.0, None
+        self.last_tick, self.last_purge, self.stop_all = 0.0, time.monotonic(), None
         self.poller, self.polled = None, None                  # serve.pump's, rebuilt when sockets change
         self.members: dict[int, Member] = {}
         self.pids, self.index, self.policy = PidTable(), PrefixIndex(), cfg.policy
         self.pending: dict[int, Pending] = {}
         self.fids = itertools.count(1)
         self.sessions: dict[str, set[int]] = {}               # session -> kernels it has used
+        self.session_seen: dict[str, float] = {}              # session -> when it last sent anything
         self.kept: dict[int, dict] = {}                        # gpid -> {uid, result|error}: ended off-kernel
         self.counters: dict[str, int] = {}
         self.boot_id = secrets.token_hex(8)
         self.token: str | None = None                          # root's, from the head
         self.users_ready = False                               # the head's users are copied here
-        self.running, self.ready, self.turn = True, False, 0
+        self.running, self.turn = True, 0
         self.io = None                                         # FrontIO, once booted
         self.free_slots: list = []                             # bundles drained kernels left
         self.waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
@@ -323,6 +325,7 @@ class Front:
                     self.ask(k, fwd.name, {}, lambda env: None, token=fwd.req.token, session=fwd.req.session)
             if fwd.name == "bye":
                 self.sessions.pop(fwd.req.session, None)
+                self.session_seen.pop(fwd.req.session, None)
         self.note_session(fwd, HEAD)
         self.ask(HEAD, fwd.req.call, fwd.req.args, lambda env: self.on_head_reply(fwd, env), token=fwd.req.token,
                  session=fwd.req.session)
@@ -337,3 +340,11 @@ class Front:
     def note_session(self, fwd: Forward, kernel: int) -> None:
         if fwd.req.session and fwd.name != "bye":
             self.sessions.setdefault(fwd.req.session, set()).add(kernel)
+            self.session_seen[fwd.req.session] = time.monotonic()
+
+    def forget_sessions(self, older_than: float) -> None:
+        """Sessions silent that long have ended on every kernel (HUP): stop tracking them."""
+        cutoff = time.monotonic() - older_than
+        for session in [s for s, t in self.session_seen.items() if t < cutoff]:
+            self.sessions.pop(session, None)
+            del self.session_seen[session]

@@ -28,6 +28,7 @@ TICK = 0.2              # seconds between looks at Ray's answers
 POLL = 0.5              # seconds between load polls of each kernel
 MODELS_EVERY = 4        # polls between model-residency polls
 BOOT_TIMEOUT = 300.0    # seconds a new kernel may take to be placed and boot
+SESSION_MEMORY = 600.0  # seconds a silent session is remembered (kernels end theirs far sooner)
 
 
 def boot(front) -> None:
@@ -81,6 +82,9 @@ def tick(front, now: float) -> None:
     for m in front.members.values():
         if m.state is MemberState.UP and not m.polling and now - m.stats.get("_at", 0) >= POLL:
             poll(front, m, now)
+    if now - front.last_purge > SESSION_MEMORY:
+        front.last_purge = now
+        front.forget_sessions(SESSION_MEMORY)
     done = [w for w in front.waiters if w[0]()]
     for w in done:
         front.waiters.remove(w)
@@ -116,12 +120,17 @@ def join(front, m: Member, info: dict) -> None:
     if m.kernel == HEAD:
         front.token = front.token or info["token"]
 
-        def on_table(env):
+        def on_table(env, retried=False):
+            if not env.get("ok") and not retried:
+                front.token = info["token"]       # the cluster's root is the head's own at its first boot
+                return front.ask(HEAD, "users_sync", {}, lambda e: on_table(e, True))
             if not env.get("ok"):
-                front.token = info["token"]       # a head that never was synced has its own root
-                return front.ask(HEAD, "users_sync", {}, on_table)
+                return on_gone(front, m, f"the head kernel refused root's token: {env.get('error')}")
             front.users.replace(env["result"])
             front.users_ready = True
+            for other in front.members.values():       # a restarted head has a new address
+                if other.kernel != HEAD and other.state in (MemberState.UP, MemberState.DRAINING):
+                    front.ask(other.kernel, "users_sync", {"upstream": upstream_of(front, other)}, lambda e: None)
             reconcile(front, m)
         return front.ask(HEAD, "users_sync", {}, on_table)
 

@@ -109,3 +109,15 @@ def test_a_plain_kernel_refuses_the_fronts_calls_and_shares_its_users(kernel, ro
     assert root.users_sync(table=table) == {"users": 1}
     with kernel.client(token) as gone:
         assert errno_of(gone.whoami) == "EACCES"
+
+
+def test_the_front_forgets_sessions_that_went_silent(tmp_path):
+    from llmos.cluster.front import Forward, Front, FrontConfig
+    from llmos.syscalls import abi
+    front = Front(FrontConfig(state_dir=tmp_path, socket=f"ipc://{tmp_path}/s"))
+    fwd = Forward(b"id", abi.Request(1, "nop", {}, "t", session="abc"), "nop")
+    front.note_session(fwd, 2)
+    front.forget_sessions(older_than=60)
+    assert front.sessions == {"abc": {2}}
+    front.forget_sessions(older_than=-1)
+    assert front.sessions == {} and front.session_seen == {}

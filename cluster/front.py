@@ -281,10 +281,11 @@ class Front:
                 raise SyscallError("EINVAL", f"no kernel up on node {node!r} (llmos cluster status lists them)")
             m = min(pinned, key=lambda m: m.load)
             return m.kernel, {"reason": "pinned", "kernel": m.kernel, "node": m.node}
-        if needs_head:
-            if HEAD not in [m.kernel for m in ups]:
-                raise SyscallError("EAGAIN", "the head kernel (services) is not up; try again")
-            return HEAD, {"reason": "services (head kernel)", "kernel": HEAD, "node": self.members[HEAD].node}
+        if needs_head:      # the file store exports adapters onto the head's node's disk
+            head = self.members.get(HEAD)
+            ups = [m for m in ups if head is not None and m.info.get("node") == head.info.get("node")]
+            if not ups:
+                raise SyscallError("EAGAIN", "no kernel on the head's node (the file store's) is up; try again")
         if not ups:
             raise SyscallError("EAGAIN", "no kernel of the cluster is up; try again")
         cands = [Candidate(m.kernel, m.load, not model or m.models.get(model) == "device") for m in ups]

@@ -52,6 +52,8 @@ def sys_svc_call(k, call):
     if target is None:
         raise SyscallError("ENOSYS", f"no running service serves {name!r}")
     user = k.users.by_uid(uid)
+    if svc is None:        # root, for another kernel of the cluster: with a kernel's own privilege, as here
+        user = type(user)(user.name, user.uid, user.caps | {SERVICE_CAP})
     k.users.check_cap(user, target.cap, name)
     args = check_args(target, call.args["args"] or {})
     k.services.forward(type(call)(call.identity, call.rid, user, target, args))

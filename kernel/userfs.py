@@ -61,6 +61,9 @@ def spawn_with_store_adapter(k, call, then, path: str | None = None) -> object:
     dest = str(k.cfg.state_dir / "cache" / "adapters" / str(call.user.uid))
 
     def spawn(result):
+        if not os.path.isdir(result["dir"]):      # exported by a cluster head on another node
+            raise SyscallError("EXDEV", f"adapter {path!r} was exported on the cluster head's node, which this "
+                                        "kernel's is not: spawn it on a kernel of that node")
         os.utime(result["dir"])                   # last used: the cache keeps the recent ones
         if result.get("created"):                 # the cache grew: trim it
             prune_cache(k, Path(dest))

@@ -32,6 +32,7 @@ ERRNOS: dict[str, tuple[int, str]] = {
     "EDQUOT": (_errno.EDQUOT, "storage quota exceeded"),
     "ECANCELED": (_errno.ECANCELED, "operation cancelled"),
     "ENOTSUP": (_errno.ENOTSUP, "not supported here (e.g. a cluster call made to a plain kernel)"),
+    "EXDEV": (_errno.EXDEV, "the object lives on another node of the cluster"),
     "EHOSTDOWN": (_errno.EHOSTDOWN, "the kernel that held the process is gone and it could not be restored"),
 }
 

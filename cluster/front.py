@@ -106,6 +106,7 @@ class Front:
         self.poller, self.polled = None, None                  # serve.pump's, rebuilt when sockets change
         self.members: dict[int, Member] = {}
         self.pids, self.index, self.policy = PidTable(), PrefixIndex(), cfg.policy
+        self.pids_file = cfg.state_dir / "front" / "pids"                  # saved each tick it changed
         self.pending: dict[int, Pending] = {}
         self.fids = itertools.count(1)
         self.sessions: dict[str, set[int]] = {}               # session -> kernels it has used

@@ -21,9 +21,13 @@ HEAD_LOG = "ray-head.log"
 
 
 def ray_env() -> None:
-    """Token authentication on (Ray's default for new clusters), no usage reporting."""
+    """Token authentication on (Ray's default for new clusters), no usage reporting. Ray reads
+    these when it is imported, so this module sets them as it is imported itself."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+ray_env()
 
 
 def start_head(state: Path, num_cpus: int, num_gpus: int | None = None) -> tuple[str, int]:
@@ -54,7 +58,6 @@ def start_head(state: Path, num_cpus: int, num_gpus: int | None = None) -> tuple
 
 def connect(address: str) -> None:
     import ray
-    ray_env()
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
 

@@ -38,7 +38,11 @@ def boot(front) -> None:
     adopted = launch.find_kernels()
     for kid, actor in sorted(adopted.items()):
         front.members[kid] = Member(kid, actor, info_ref=actor.info.remote())
-    if not adopted:
+    if adopted:
+        n = front.pids.load(front.pids_file)
+        log.info("adopted kernels %s and %d processes' pids", sorted(adopted), n)
+    else:
+        front.pids_file.unlink(missing_ok=True)      # a new cluster: no process of an old one is here
         start(front, list(range(cfg.num_kernels)))
 
 
@@ -82,6 +86,8 @@ def tick(front, now: float) -> None:
     for m in front.members.values():
         if m.state is MemberState.UP and not m.polling and now - m.stats.get("_at", 0) >= POLL:
             poll(front, m, now)
+    if front.pids.dirty:
+        front.pids.save(front.pids_file)
     if now - front.last_purge > SESSION_MEMORY:
         front.last_purge = now
         front.forget_sessions(SESSION_MEMORY)

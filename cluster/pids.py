@@ -8,12 +8,20 @@ kernel brought back) get a gpid the first time the front sees them (``gpid_of``)
 
 ``translate`` rewrites the pids in a kernel's result into gpids: the one function that knows
 which results carry pids.
+
+The table is saved (``save``: a msgpack snapshot, written to a temporary file and renamed, at
+most once per front tick and only when it changed), so a front that restarts and adopts the
+kernels (``load``) keeps every process's number.
 """
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import msgpack
 
 
 @dataclass
@@ -28,14 +36,39 @@ class Where:
 class PidTable:
     def __init__(self):
         self._next = itertools.count(1)
+        self.next_gpid = 1
         self.where: dict[int, Where] = {}
         self._by_local: dict[tuple[int, int], int] = {}
+        self.dirty = False
+
+    def save(self, path: Path) -> None:
+        rows = [[g, w.kernel, w.lpid, w.uid, w.version, w.placement] for g, w in self.where.items()]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb({"next": self.next_gpid, "where": rows}))
+        os.replace(tmp, path)
+        self.dirty = False
+
+    def load(self, path: Path) -> int:
+        """The table a previous front saved (none: empty); how many processes it names."""
+        try:
+            data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+            rows, nxt = data["where"], int(data["next"])
+        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
+            return 0
+        for g, kernel, lpid, uid, version, placement in rows:
+            self.where[g] = Where(kernel, lpid, uid, version, placement)
+            self._by_local[(kernel, lpid)] = g
+        self.next_gpid = max([nxt, *(g + 1 for g in self.where)])
+        self._next = itertools.count(self.next_gpid)
+        return len(rows)
 
     def add(self, kernel: int, lpid: int, uid: int | None = None, placement: dict | None = None) -> int:
         known = self._by_local.get((kernel, lpid))
         if known is not None:
             return known
         gpid = next(self._next)
+        self.next_gpid, self.dirty = gpid + 1, True
         self.where[gpid] = Where(kernel, lpid, uid, 0, placement or {})
         self._by_local[(kernel, lpid)] = gpid
         return gpid
@@ -56,11 +89,13 @@ class PidTable:
         if placement is not None:
             w.placement = placement
         self._by_local[(kernel, lpid)] = gpid
+        self.dirty = True
 
     def drop(self, gpid: int) -> None:
         w = self.where.pop(gpid, None)
         if w is not None:
             self._by_local.pop((w.kernel, w.lpid), None)
+            self.dirty = True
 
     def on_kernel(self, kernel: int) -> list[int]:
         return [g for g, w in self.where.items() if w.kernel == kernel]

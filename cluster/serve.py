@@ -127,6 +127,9 @@ def close(front: Front) -> None:
         except Exception as exc:
             logging.getLogger("llmos.cluster").warning("stopping kernels: %s", exc)
         launch.remove({m.kernel: m.actor for m in front.members.values()})
+        front.pids_file.unlink(missing_ok=True)
+    elif front.pids.dirty:
+        front.pids.save(front.pids_file)              # the next front adopts the kernels and these
     for m in front.members.values():
         m.close()
     if front.io is not None:

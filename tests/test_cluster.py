@@ -266,3 +266,26 @@ def test_cluster_status_on_the_command_line(cluster):
     assert "KERNEL" in done.stdout and done.stdout.count(" up ") >= 2
     assert '"kernels"' in cluster.llmos("cluster", "status", "--json").stdout
 
+
+
+def test_a_restarted_front_adopts_the_kernels_and_keeps_every_pid(cluster, root):
+    """Last here: the module's client then talks to a new front."""
+    import signal
+    from llmos.cluster.pids import PidTable
+    pid = root.spawn(prompt="a long one", max_tokens=300, node=str(worker(root)), stopped=True)
+    old = cluster.info()["front_pid"]
+
+    def saved():                                                 # at the front's next tick
+        table = PidTable()
+        table.load(cluster.state / "front" / "pids")
+        return table.get(pid) is not None
+    wait_for(saved, timeout=30)
+    os.kill(old, signal.SIGKILL)
+    done = cluster.llmos("cluster", "up", "--address", cluster.info()["address"], *cluster.args)
+    assert done.returncode == 0, done.stderr
+    assert cluster.info()["front_pid"] != old and cluster.info().get("ray_head_pid")
+    with cluster.client() as c:
+        assert c.pinfo(pid)["state"] == "STOPPED" and len(up_kernels(c)) == 3
+        c.kill(pid, sig="CONT")
+        assert c.wait(pid)["usage"]["completion_tokens"] == 300
+        assert c.spawn(prompt="new", max_tokens=2) > pid          # numbering goes on

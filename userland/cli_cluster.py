@@ -10,7 +10,8 @@
 
 Without ``--address``, ``up`` starts a Ray cluster of its own on this machine (``ray start
 --head``), which ``down`` stops again; with one (``auto`` for the one ``ray start`` made here)
-it joins it. The front serves the state directory's usual socket, so every other command, the
+it joins it. ``up --address`` of a cluster whose kernels run (a front that died) starts a new
+front that adopts them and their processes' pids. The front serves the state directory's usual socket, so every other command, the
 shell, ``llmos run`` programs and the gateway talk to the cluster unchanged.
 """
 from __future__ import annotations
@@ -69,6 +70,12 @@ def up(argv: list[str]) -> int:
     from llmos.cluster import launch
     info = {"state_dir": str(state)}
     address = own.get("--address")
+    try:
+        before = json.loads((state / INFO).read_text())
+    except (OSError, ValueError):
+        before = {}
+    if address is not None and before.get("address") == address and before.get("ray_head_pid"):
+        info["ray_head_pid"] = before["ray_head_pid"]    # a new front for the cluster an earlier up made
     if address is None:
         n = int(own.get("--kernels", 1))
         cpus = float(own.get("--kernel-cpus", 1))

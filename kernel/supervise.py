@@ -1,4 +1,7 @@
-"""The kernel's supervisor: ``python -m llmos.kernel.supervise [kernel options]``.
+"""The kernel's supervisor: ``python -m llmos.kernel.supervise [--module M] [options]``.
+
+``--module llmos.cluster`` supervises a cluster's front the same way (``llmos cluster up``): a
+front that crashed is started again and adopts the running kernels and its saved pids.
 
 ``llmos kernel start`` runs the kernel under this small process rather than a systemd unit:
 it works the same with and without systemd (containers, laptops, CI), needs no root and no
@@ -21,10 +24,14 @@ import time
 
 log = logging.getLogger("llmos.supervise")
 BACKOFF_S, MAX_BACKOFF_S, STEADY_S = 1.0, 30.0, 60.0
-READY = "kernel ready"                  # what the kernel prints once it serves (kernel.boot)
+READY = {"llmos.kernel": "kernel ready",              # what each prints once it serves
+         "llmos.cluster": "cluster front ready"}
 
 
 def main(argv: list[str]) -> int:
+    module = "llmos.kernel"
+    if argv[:1] == ["--module"] and len(argv) > 1 and argv[1] in READY:
+        module, argv = argv[1], argv[2:]
     logging.basicConfig(format="%(asctime)s supervise: %(message)s", level=logging.INFO, stream=sys.stdout)
     stopping = False
     child: subprocess.Popen | None = None
@@ -39,9 +46,9 @@ def main(argv: list[str]) -> int:
     backoff = BACKOFF_S
     while True:
         started, ready = time.monotonic(), threading.Event()
-        child = subprocess.Popen([sys.executable, "-m", "llmos.kernel", *argv], stdout=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT)
-        relay = threading.Thread(target=_relay, args=(child.stdout, ready), daemon=True)
+        relay = threading.Thread(target=_relay, args=(child.stdout, ready, READY[module]), daemon=True)
         relay.start()
         rc = child.wait()
         relay.join(5)
@@ -50,7 +57,7 @@ def main(argv: list[str]) -> int:
             return rc
         if ran > STEADY_S:
             backoff = BACKOFF_S
-        log.warning("the kernel exited %s after %.0f s; restarting in %.0f s",
+        log.warning(f"{module} exited %s after %.0f s; restarting in %.0f s",
                     f"by signal {-rc}" if rc < 0 else f"with {rc}", ran, backoff)
         deadline = time.monotonic() + backoff
         while time.monotonic() < deadline and not stopping:
@@ -60,12 +67,12 @@ def main(argv: list[str]) -> int:
         backoff = min(MAX_BACKOFF_S, backoff * 2)
 
 
-def _relay(stream, ready: threading.Event) -> None:
-    """Copy the kernel's output to ours (kernel.out), noting when it says it is ready."""
+def _relay(stream, ready: threading.Event, word: str) -> None:
+    """Copy the child's output to ours (kernel.out), noting when it says it is ready."""
     for line in iter(stream.readline, b""):
         sys.stdout.buffer.write(line)
         sys.stdout.flush()
-        if READY.encode() in line:
+        if word.encode() in line:
             ready.set()
 
 

@@ -268,24 +268,54 @@ def test_cluster_status_on_the_command_line(cluster):
 
 
 
-def test_a_restarted_front_adopts_the_kernels_and_keeps_every_pid(cluster, root):
-    """Last here: the module's client then talks to a new front."""
-    import signal
+def pid_saved(cluster, pid: int) -> bool:
     from llmos.cluster.pids import PidTable
-    pid = root.spawn(prompt="a long one", max_tokens=300, node=str(worker(root)), stopped=True)
-    old = cluster.info()["front_pid"]
+    table = PidTable()
+    table.load(cluster.state / "front" / "pids")
+    return table.get(pid) is not None
 
-    def saved():                                                 # at the front's next tick
-        table = PidTable()
-        table.load(cluster.state / "front" / "pids")
-        return table.get(pid) is not None
-    wait_for(saved, timeout=30)
+
+def front_pid(cluster) -> int | None:
+    try:
+        return int((cluster.state / "front.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_a_crashed_front_comes_back_with_the_kernels_and_every_pid(cluster, root):
+    """Last here: the module's client then talks to a new front (its supervisor started it)."""
+    import signal
+    pid = root.spawn(prompt="a long one", max_tokens=300, node=str(worker(root)), stopped=True)
+    wait_for(lambda: pid_saved(cluster, pid), timeout=30)        # at the front's next tick
+    old = front_pid(cluster)
     os.kill(old, signal.SIGKILL)
-    done = cluster.llmos("cluster", "up", "--address", cluster.info()["address"], *cluster.args)
-    assert done.returncode == 0, done.stderr
-    assert cluster.info()["front_pid"] != old and cluster.info().get("ray_head_pid")
+
+    def back():
+        try:
+            with cluster.client(timeout=5) as c:
+                return front_pid(cluster) not in (None, old) and c.pinfo(pid)
+        except Exception:
+            return None
+    wait_for(back, timeout=240, every=0.5)
     with cluster.client() as c:
         assert c.pinfo(pid)["state"] == "STOPPED" and len(up_kernels(c)) == 3
         c.kill(pid, sig="CONT")
         assert c.wait(pid)["usage"]["completion_tokens"] == 300
         assert c.spawn(prompt="new", max_tokens=2) > pid          # numbering goes on
+
+
+def test_a_front_can_be_replaced_by_hand(cluster):
+    """When the supervisor is gone too: cluster up --address starts one that adopts the kernels."""
+    import signal
+    with cluster.client() as c:
+        pid = c.spawn(prompt="kept", max_tokens=5, stopped=True)
+    wait_for(lambda: pid_saved(cluster, pid), timeout=30)
+    info = cluster.info()
+    os.kill(info["front_pid"], signal.SIGKILL)                   # the supervisor first, then its front
+    os.kill(front_pid(cluster), signal.SIGKILL)
+    done = cluster.llmos("cluster", "up", "--address", info["address"], *cluster.args)
+    assert done.returncode == 0, done.stderr
+    assert cluster.info()["front_pid"] != info["front_pid"] and cluster.info()["ray_head_pid"] == info["ray_head_pid"]
+    with cluster.client() as c:
+        c.kill(pid, sig="CONT")
+        assert c.wait(pid)["usage"]["completion_tokens"] == 5

@@ -81,7 +81,9 @@ def up(argv: list[str]) -> int:
         cpus = float(own.get("--kernel-cpus", 1))
         address, info["ray_head_pid"] = launch.start_head(state, num_cpus=max(os.cpu_count() or 1, int(n * cpus + 0.999)))
     info["address"] = address
-    cmd = [sys.executable, "-m", "llmos.cluster", "--state-dir", str(state), "--address", address]
+    # under the supervisor: a front that crashes comes back, adopting the kernels and their pids
+    cmd = [sys.executable, "-m", "llmos.kernel.supervise", "--module", "llmos.cluster", "--state-dir", str(state),
+           "--address", address]
     for name, value in own.items():
         if name not in ("--address", "--state-dir"):
             cmd += [name] if value is True else [name, value]
@@ -90,7 +92,7 @@ def up(argv: list[str]) -> int:
     with open(out, "ab") as log:
         proc = subprocess.Popen(cmd + ["--", *kernel_args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    info["front_pid"] = proc.pid
+    info["front_pid"] = proc.pid                        # the supervisor's: the front is its child
     (state / INFO).write_text(json.dumps(info, indent=1))
     from llmos.cluster.serve import READY
     while True:

@@ -158,7 +158,12 @@ class Front:
             return
         if not env.get("more"):
             del self.pending[env["id"]]
-        p.on_reply(env)
+        try:
+            p.on_reply(env)
+        except Exception:                     # a bug in a continuation must not take the front down
+            log.error("front: reply handler failed: %s", traceback.format_exc())
+            if p.fwd is not None:
+                self.answer(p.fwd, err=SyscallError("EIO", "the front failed on this reply (see front.log)"))
 
     def on_request(self, identity: bytes, frames: list[bytes]) -> None:
         if len(frames) != 1:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import zmq
@@ -90,7 +91,10 @@ def pump(front: Front, timeout_ms: int = 50) -> None:
     now = time.monotonic()
     if now - front.last_tick >= lifecycle.TICK:
         front.last_tick = now
-        lifecycle.tick(front, now)
+        try:
+            lifecycle.tick(front, now)
+        except Exception:                         # Ray's or our own: log it, keep serving
+            logging.getLogger("llmos.cluster").error("front tick: %s", traceback.format_exc())
 
 
 def run(front: Front) -> None:

@@ -14,23 +14,14 @@ from pathlib import Path
 import zmq
 
 from llmos.kernel.curve import CurveEndpoint
-from llmos.kernel.io import Channel, secure_ipc_dir
-from llmos.syscalls import abi, locate
+from llmos.kernel.io import Channel, bind_router
+from llmos.syscalls import locate
 
 
 class FrontIO:
     def __init__(self, ctx: zmq.Context, endpoint: str, max_frame: int, listen: str | None, state: Path):
         self.endpoint = endpoint
-        if locate.is_ipc(endpoint):
-            secure_ipc_dir(Path(locate.ipc_path(endpoint)))
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 2000)
-        self.router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
-        self.router.setsockopt(zmq.RCVHWM, 10_000)
-        self.router.setsockopt(zmq.SNDHWM, 100_000)
-        self.router.bind(endpoint)
-        if locate.is_ipc(endpoint):
-            os.chmod(locate.ipc_path(endpoint), 0o600)
+        self.router = bind_router(ctx, endpoint, max_frame)
         self.curve = CurveEndpoint(ctx, listen, state, max_frame) if listen else None
         self.channel = Channel(self.router, self.curve)
         #: what the loop polls for requests, and the CURVE monitor it drains

@@ -54,16 +54,7 @@ class IOThread:
         self.endpoint = endpoint
         self.ctx = ctx or zmq.Context.instance()
         self._name = f"inproc://llmos-io-{id(self)}"
-        if locate.is_ipc(endpoint):
-            secure_ipc_dir(Path(locate.ipc_path(endpoint)))
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 2000)     # last replies (shutdown's own) still go out
-        self.router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
-        self.router.setsockopt(zmq.RCVHWM, 10_000)
-        self.router.setsockopt(zmq.SNDHWM, 100_000)
-        self.router.bind(endpoint)
-        if locate.is_ipc(endpoint):
-            os.chmod(locate.ipc_path(endpoint), 0o600)
+        self.router = bind_router(self.ctx, endpoint, max_frame)
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._back = self.ctx.socket(zmq.PAIR)
         self._back.setsockopt(zmq.LINGER, 0)
@@ -111,6 +102,22 @@ class IOThread:
                 os.unlink(locate.ipc_path(self.endpoint))
             except FileNotFoundError:
                 pass
+
+
+def bind_router(ctx: zmq.Context, endpoint: str, max_frame: int) -> zmq.Socket:
+    """The client-facing ROUTER on ``endpoint`` (a kernel's, a cluster front's): an ipc socket
+    0600 in a 0700 directory, frames capped at ``abi.socket_frame_cap``."""
+    if locate.is_ipc(endpoint):
+        secure_ipc_dir(Path(locate.ipc_path(endpoint)))
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 2000)          # last replies (shutdown's own) still go out
+    router.setsockopt(zmq.MAXMSGSIZE, abi.socket_frame_cap(max_frame))
+    router.setsockopt(zmq.RCVHWM, 10_000)
+    router.setsockopt(zmq.SNDHWM, 100_000)
+    router.bind(endpoint)
+    if locate.is_ipc(endpoint):
+        os.chmod(locate.ipc_path(endpoint), 0o600)
+    return router
 
 
 def secure_ipc_dir(sock_path: Path) -> None:

@@ -11,13 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmos import connect
+from conftest import Endpoint
 from llmos.syscalls import locate
 
 LLMOS = [sys.executable, "-m", "llmos.userland.cli"]
 
 
-class ClusterProc:
+class ClusterProc(Endpoint):
     def __init__(self, *args: str, kernels: int = 2):
         self.state = Path(tempfile.mkdtemp(prefix="llmos-c-"))
         self.env = {**os.environ, "LLMOS_STATE_DIR": str(self.state)}
@@ -37,12 +37,8 @@ class ClusterProc:
             raise RuntimeError(f"cluster up failed:\n{done.stdout}\n{done.stderr}")
         return self
 
-    @property
-    def token(self) -> str | None:
-        return locate.saved_token(self.state)
-
     def client(self, token: str | None = None, timeout: float = 120.0):
-        return connect(self.socket, token or self.token, timeout=timeout)
+        return super().client(token, timeout)
 
     def info(self) -> dict:
         try:

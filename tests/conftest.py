@@ -46,7 +46,21 @@ def wait_for(pred, timeout: float = 20.0, every: float = 0.05):
     raise AssertionError("condition not reached in time")
 
 
-class KernelProc:
+class Endpoint:
+    """What tests talk to (a kernel, a cluster's front): its socket and state directory give the
+    saved root token and clients."""
+    state: Path
+    socket: str
+
+    @property
+    def token(self) -> str | None:
+        return locate.saved_token(self.state)
+
+    def client(self, token: str | None = None, timeout: float = 30.0):
+        return connect(self.socket, token or self.token, timeout=timeout)
+
+
+class KernelProc(Endpoint):
     """A kernel started as ``python -m llmos.kernel`` with its own state directory."""
 
     def __init__(self, *args: str, model: str = "none", state: Path | None = None):
@@ -74,13 +88,6 @@ class KernelProc:
                     pass
             time.sleep(0.05)
         raise RuntimeError(f"kernel did not come up:\n{self.output()}")
-
-    @property
-    def token(self) -> str | None:
-        return locate.saved_token(self.state)
-
-    def client(self, token: str | None = None, timeout: float = 30.0):
-        return connect(self.socket, token or self.token, timeout=timeout)
 
     def output(self) -> str:
         return (self.state / "test-kernel.out").read_text(errors="replace")

@@ -101,8 +101,8 @@ class Front:
         (cfg.state_dir / "front").mkdir(mode=0o700, exist_ok=True)
         self.users = UserDB(cfg.state_dir / "front" / "users.json")     # the head's table, copied
         self.public, self.secret = zmq.auth.load_certificate(str(make_key_pair(cfg.state_dir / "keys", "front")))
-        self.node_id = ""                                      # Ray's id of the node the front runs on
-        self.last_tick, self.last_purge, self.stop_all = 0.0, time.monotonic(), None
+        self.last_tick, self.last_purge = 0.0, time.monotonic()
+        self.stop_all: str | None = None                       # shutdown's mode, once asked to stop all
         self.poller, self.polled = None, None                  # serve.pump's, rebuilt when sockets change
         self.members: dict[int, Member] = {}
         self.pids, self.index, self.policy = PidTable(), PrefixIndex(), cfg.policy
@@ -143,6 +143,10 @@ class Front:
     def pass_on(self, fwd: Forward, env: dict) -> None:
         """A kernel's reply envelope, as it is, under the client's request id."""
         self.io.channel.send_multipart([fwd.identity, msgpack.packb({**env, "id": fwd.req.rid})])
+
+    def when(self, ready: Callable[[], bool], then: Callable[[], None]) -> None:
+        """Run ``then`` at the first tick where ``ready()`` holds."""
+        self.waiters.append((ready, then))
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -198,6 +202,7 @@ class Front:
         if name in GATHER_CALLS or name in EVERY_KERNEL:
             return self.gather(fwd)
         if name in lifecycle.FRONT_CALLS:
+            self.users.check_cap(fwd.user, BY_NAME[name].cap, name)     # the table's, as a kernel does
             return lifecycle.FRONT_CALLS[name](self, fwd)
         if name == "users_sync":
             raise SyscallError("EPERM", "a cluster's users are the head's: the front copies them itself")

@@ -70,17 +70,12 @@ def alive_nodes() -> list[dict]:
 def find_kernels() -> dict[int, object]:
     """The kernel actors that exist (a front restarting adopts them), by id."""
     import ray
-    from ray.util.state import list_actors
     found = {}
-    try:
-        names = [a.name for a in list_actors(filters=[("state", "!=", "DEAD")], limit=10_000)]
-    except Exception:            # no state API (no dashboard): look the names up one by one
-        names = [f"{ACTOR_PREFIX}{i}" for i in range(256)]
-    for name in names:
-        if name and name.startswith(ACTOR_PREFIX):
+    for name in ray.util.list_named_actors():          # this namespace's (llmos)
+        if name.startswith(ACTOR_PREFIX) and name[len(ACTOR_PREFIX):].isdigit():
             try:
                 found[int(name[len(ACTOR_PREFIX):])] = ray.get_actor(name, namespace=NAMESPACE)
-            except (ValueError, Exception):
+            except ValueError:                           # died since it was listed
                 continue
     return found
 

@@ -51,8 +51,7 @@ def start(front, ids: list[int]) -> None:
     cfg = front.cfg
     for kid, (actor, slot) in launch.start_kernels(ids, cfg.state_dir, cfg.kernel_args, front.public.decode(),
                                                    cfg.kernel_cpus, cfg.per_gpu, front.free_slots).items():
-        front.members[kid] = Member(kid, actor, info_ref=actor.info.remote(), slot=slot,
-                                    started_at=time.monotonic())
+        front.members[kid] = Member(kid, actor, info_ref=actor.info.remote(), slot=slot)
 
 
 def tick(front, now: float) -> None:
@@ -84,7 +83,7 @@ def tick(front, now: float) -> None:
                 m.info_ref = None
                 join(front, m, info)
     for m in front.members.values():
-        if m.state is MemberState.UP and not m.polling and now - m.stats.get("_at", 0) >= POLL:
+        if m.state is MemberState.UP and not m.polling and now - m.polled_at >= POLL:
             poll(front, m, now)
     if front.pids.dirty:
         front.pids.save(front.pids_file)
@@ -98,17 +97,15 @@ def tick(front, now: float) -> None:
 
 
 def poll(front, m: Member, now: float) -> None:
-    m.polling = True
+    m.polling, m.polled_at = True, now
     m.num_polls += 1
 
     def on_stat(env):
         m.polling = False
         if env.get("ok") and isinstance(env.get("result"), dict):
-            m.stats = dict(env["result"], _at=now)
+            m.stats = env["result"]
             procs = m.stats.get("procs") or {}
             m.load = sum(n for state, n in procs.items() if str(state).lower() != "zombie") if isinstance(procs, dict) else 0
-        else:
-            m.stats["_at"] = now
     front.ask(m.kernel, "stat", {}, on_stat)
     if m.num_polls % MODELS_EVERY == 1:
         def on_models(env):
@@ -233,16 +230,7 @@ def sync_users(front, then) -> None:
     front.ask(HEAD, "users_sync", {}, on_table)
 
 
-def wait_until(front, pred, then) -> None:
-    front.waiters.append((pred, then))
-
-
-# -- the front's own calls ---------------------------------------------------------------------
-def _need_admin(fwd) -> None:
-    if "admin" not in fwd.user.caps:
-        raise SyscallError("EPERM", f"{fwd.name} needs capability 'admin', which user {fwd.user.name} lacks")
-
-
+# -- the front's own calls (their capability checked from the table by the front) -------------
 def sys_cluster(front, fwd) -> None:
     import ray
     nodes = [{"node": n["NodeID"], "address": n.get("NodeManagerAddress"), "alive": bool(n.get("Alive")),
@@ -254,7 +242,6 @@ def sys_cluster(front, fwd) -> None:
 
 
 def sys_cluster_add(front, fwd) -> None:
-    _need_admin(fwd)
     n = fwd.req.args.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
         raise SyscallError("EINVAL", "cluster_add: n is 1 to 64")
@@ -271,17 +258,16 @@ def sys_cluster_add(front, fwd) -> None:
                                                      "(no free resources in the cluster?)")
                     launch.remove({k: front.members[k].actor}, groups=False)
         return all(front.members[k].state in (MemberState.UP, MemberState.GONE) for k in ids)
-    wait_until(front, settled,
+    front.when(settled,
                lambda: front.answer(fwd, {"kernels": [k for k in ids if front.members[k].state is MemberState.UP]}))
 
 
 def sys_shutdown(front, fwd) -> None:
-    _need_admin(fwd)
     mode = fwd.req.args.get("mode") or "checkpoint"
     if mode not in ("checkpoint", "drain", "discard"):
         raise SyscallError("EINVAL", "shutdown: mode is checkpoint, drain or discard")
     front.answer(fwd, True)
-    front.stop_all = (mode, time.monotonic())
+    front.stop_all = mode
     front.running = False
 
 

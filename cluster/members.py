@@ -40,8 +40,8 @@ class Member:
     polling: bool = False
     parked: list = field(default_factory=list)    # calls for its processes, waiting for its restart
     slot: tuple | None = None              # (placement group, bundle index) it runs in
-    started_at: float = 0.0
     num_polls: int = 0
+    polled_at: float = 0.0                 # when its last load poll was sent
 
     @property
     def node(self) -> str:

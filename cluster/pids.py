@@ -15,7 +15,6 @@ kernels (``load``) keeps every process's number.
 """
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ class Where:
 
 class PidTable:
     def __init__(self):
-        self._next = itertools.count(1)
         self.next_gpid = 1
         self.where: dict[int, Where] = {}
         self._by_local: dict[tuple[int, int], int] = {}
@@ -60,14 +58,13 @@ class PidTable:
             self.where[g] = Where(kernel, lpid, uid, version, placement)
             self._by_local[(kernel, lpid)] = g
         self.next_gpid = max([nxt, *(g + 1 for g in self.where)])
-        self._next = itertools.count(self.next_gpid)
         return len(rows)
 
     def add(self, kernel: int, lpid: int, uid: int | None = None, placement: dict | None = None) -> int:
         known = self._by_local.get((kernel, lpid))
         if known is not None:
             return known
-        gpid = next(self._next)
+        gpid = self.next_gpid
         self.next_gpid, self.dirty = gpid + 1, True
         self.where[gpid] = Where(kernel, lpid, uid, 0, placement or {})
         self._by_local[(kernel, lpid)] = gpid

@@ -100,7 +100,6 @@ def pump(front: Front, timeout_ms: int = 50) -> None:
 def run(front: Front) -> None:
     import ray
     lifecycle.boot(front)
-    front.node_id = ray.get_runtime_context().get_node_id()
     deadline = time.monotonic() + BOOT_TIMEOUT
     while any(m.state not in (MemberState.UP, MemberState.GONE) for m in front.members.values()):
         if time.monotonic() > deadline or not front.running:
@@ -123,8 +122,7 @@ def close(front: Front) -> None:
     """After ``shutdown``: stop every kernel (its mode) and remove the actors; else leave them."""
     import ray
     if front.stop_all is not None:
-        mode = front.stop_all[0]
-        refs = [m.actor.stop.remote(mode, front.token) for m in front.members.values()
+        refs = [m.actor.stop.remote(front.stop_all, front.token) for m in front.members.values()
                 if m.state is not MemberState.GONE]
         try:
             ray.get(refs, timeout=300)

@@ -27,7 +27,7 @@ class Upstream:
         endpoint, token = where.get("endpoint"), where.get("token")
         if not (isinstance(endpoint, str) and isinstance(token, str)):
             raise SyscallError("EINVAL", "upstream wants {endpoint, token[, server_key]}")
-        self.where, self.token = dict(where, token=None), token
+        self.token = token
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if endpoint.startswith("tcp://"):
